@@ -1,0 +1,1 @@
+"""The shared kitchen: datasets, networks, augmentation, the method registry and protocol, the runner."""

@@ -1,0 +1,66 @@
+"""The weighted-statistic protocol: the one thing influence/ knows about a distillation method.
+
+Distillation minimises M(S; D) = E_theta sum_t Dist(Phi_syn(S; theta_t), Phi_real(D_w; theta_t))  (paper eq. 6),
+where the real statistic takes per-instance weights w. At each matching step a method following the protocol
+builds a `MatchingStep` and asks `self.instance_weights(step)` for the weights of each group's real batch. The base
+method answers with uniform weights (1/n per group: exactly the reference's mean loss / mean embedding); an IWD
+variant (influence.influence_weighted) answers with softmax(influence / tau).
+
+Weight convention: within a group (a class, for per-class matching) the weights sum to 1, so uniform weights give
+the reference statistic bit for bit. Influence scores are derivatives of Dist at these weights.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class RealBatch:
+    x: torch.Tensor          # real images of one group (normalised space, before augmentation)
+    y: torch.Tensor
+    index: torch.Tensor      # their indices in the training set (for tracking scores across iterations)
+    group: int               # the class (or group) this batch is matched in
+
+
+@dataclass
+class MatchingStep:
+    """One matching step, as influence/ sees it.
+
+    real_statistic(g, weights, create_graph) -> Phi_real of group g's batch with those weights (a tuple of tensors;
+        with create_graph=True, or weights requiring grad, it is differentiable in weights and params).
+    syn_stats[g] -> Phi_syn of group g (a tuple of tensors, with its graph to the synthetic images and params).
+    distance(syn_stat, real_stat) -> scalar Dist for one group; the step's objective is the sum over groups.
+    params -> theta_t, the parameters both statistics depend on.
+    inner_data -> 'synthetic' (S_inner = S: explicit term only) or 'real' (S_inner = D: implicit term too).
+    inner_loss() -> the inner-training loss at theta_t on real data, whose Hessian is H (only for inner_data='real').
+    """
+    iteration: int
+    params: List[torch.Tensor]
+    batches: List[RealBatch]
+    real_statistic: Callable[[int, torch.Tensor, bool], Sequence[torch.Tensor]]
+    distance: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
+    syn_stats: list = field(default_factory=list)
+    inner_data: str = "synthetic"
+    inner_loss: Optional[Callable[[], torch.Tensor]] = None
+    writer: object = None
+
+
+def uniform_weights(step: MatchingStep):
+    return [torch.full((len(b.y),), 1.0 / len(b.y), dtype=b.x.dtype, device=b.x.device) for b in step.batches]
+
+
+class WeightedMatching:
+    """Mixin for methods that follow the protocol. Subclasses (IWD variants) override `instance_weights`."""
+
+    def instance_weights(self, step: MatchingStep):
+        return uniform_weights(step)
+
+    def matching_loss(self, step: MatchingStep, weights=None):
+        """sum_g Dist(Phi_syn_g, Phi_real_g(w_g)); the real statistic carries no graph (as in the references)."""
+        weights = weights if weights is not None else self.instance_weights(step)
+        total = 0.0
+        for g, (syn, w) in enumerate(zip(step.syn_stats, weights)):
+            real = [r.detach() for r in step.real_statistic(g, w.detach(), False)]
+            total = total + step.distance(syn, real)
+        return total

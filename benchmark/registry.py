@@ -1,0 +1,70 @@
+"""The method registry, small and boring (timm-style).
+
+    @register_method("mymethod")
+    class MyMethod(Method): ...
+
+    get_method("dc")            -> the class
+    create_method("dc", preset="cpu", overrides=["iterations=50"]) -> an instance
+    list_methods("iwd+*")       -> names
+
+Users register their own methods from their own module and load it with `run.py --plugin mypkg.mymethod`
+(or the entry-point group "iwd_bench.methods"), without editing this package.
+"""
+import fnmatch
+import importlib
+
+from .errors import BenchmarkError, unknown_name
+
+_METHODS = {}
+_BUILTINS_LOADED = False
+
+
+def register_method(name):
+    def deco(cls):
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return deco
+
+
+def _load_builtins():
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("methods")
+        try:
+            importlib.import_module("influence")
+        except ImportError as e:  # influence/ registers the IWD variants and ablations
+            raise BenchmarkError(f"could not import influence/: {e}") from e
+        try:
+            from importlib.metadata import entry_points
+            for ep in entry_points(group="iwd_bench.methods"):
+                ep.load()
+        except Exception as e:  # noqa: BLE001
+            raise BenchmarkError(f"a plugin entry point failed to load: {e}") from e
+
+
+def list_methods(pattern="*"):
+    _load_builtins()
+    return sorted(n for n in _METHODS if fnmatch.fnmatch(n, pattern))
+
+
+def get_method(name):
+    _load_builtins()
+    if name not in _METHODS:
+        raise unknown_name("method", name, _METHODS)
+    return _METHODS[name]
+
+
+def create_method(name, preset=None, overrides=None):
+    cls = get_method(name)
+    return cls(cls.make_config(preset, overrides))
+
+
+def load_plugin(module_name):
+    """Import a user's module so its @register_method decorators run."""
+    try:
+        importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure inside the user's module
+        raise BenchmarkError(f"plugin module {module_name!r} failed to import ({type(e).__name__}: {e}); check that "
+                             f"it is on PYTHONPATH and imports cleanly with: python -c 'import {module_name}'") from e

@@ -1,0 +1,158 @@
+"""SyntheticSet: what every method returns and the evaluation harness consumes.
+
+Stored images are in `space` "normalized" (the dataset's normalisation) or "pixel" ([0, 1], IDC's choice).
+`extras` holds learned or structural extras: `factor` (IDC multi-formation), `stages` (PDD: images per class in
+each stage), `lr` (a learned learning rate), `influence` (per-instance scores tracked by IWD). Files are saved as
+one .pt holding only tensors and plain Python values, and always loaded with weights_only=True (never executes code).
+"""
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BenchmarkError
+
+FORMAT = "iwd-bench/synthetic-set/v1"
+
+
+def decode_multi_formation(images, factor):
+    """IDC multi-formation: split each stored image into factor x factor tiles and upsample each tile (bilinear)
+    back to full size, so one stored image gives factor^2 training images. Order: stored image major, then tile
+    row, then tile column."""
+    if factor == 1:
+        return images
+    n, c, h, w = images.shape
+    th, tw = h // factor, w // factor
+    tiles = images[:, :, : th * factor, : tw * factor].reshape(n, c, factor, th, factor, tw)
+    tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n * factor * factor, c, th, tw)
+    return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor
+    labels: torch.Tensor
+    space: str = "normalized"
+    extras: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.space not in ("normalized", "pixel"):
+            raise BenchmarkError(f"SyntheticSet space must be 'normalized' or 'pixel', got {self.space!r}")
+        if len(self.images) != len(self.labels):
+            raise BenchmarkError(f"SyntheticSet has {len(self.images)} images but {len(self.labels)} labels")
+
+    @property
+    def ipc(self):
+        return self.metadata.get("ipc")
+
+    def training_data(self, dataset, images=None, labels=None):
+        """Decoded training images in the dataset's normalised space, and their labels."""
+        x = self.images.detach() if images is None else images
+        y = self.labels if labels is None else labels
+        factor = int(self.extras.get("factor", 1))
+        if factor > 1:
+            x = decode_multi_formation(x, factor)
+            y = y.repeat_interleave(factor * factor)
+        if self.space == "pixel":
+            x = dataset.normalize(x)
+        return x, y
+
+    def stage_data(self, dataset):
+        """PDD's staged evaluation: cumulative training sets (stage 1, stages 1..2, ...). One stage if unstaged."""
+        stages = self.extras.get("stages")
+        if not stages:
+            return [self.training_data(dataset)]
+        out, keep = [], torch.zeros(len(self.labels), dtype=torch.bool)
+        stage_of = torch.as_tensor(self.extras["stage_of"])
+        for k in range(len(stages)):
+            keep |= stage_of == k
+            out.append(self.training_data(dataset, self.images.detach()[keep], self.labels[keep]))
+        return out
+
+    def check_fits(self, dataset):
+        """Raise a clear error if this set cannot be evaluated on `dataset`."""
+        x, y = self.training_data(dataset)
+        if tuple(x.shape[1:]) != (dataset.channels, *dataset.image_size):
+            raise BenchmarkError(
+                f"synthetic images have shape {tuple(x.shape[1:])} but {dataset.name} images are "
+                f"{(dataset.channels, *dataset.image_size)}; evaluate on the dataset the set was distilled from.")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= dataset.num_classes):
+            raise BenchmarkError(f"synthetic labels span {int(y.min())}..{int(y.max())} but {dataset.name} has "
+                                 f"{dataset.num_classes} classes.")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save(self, path):
+        """Atomic save (write to a temp file, then rename)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        blob = {"format": FORMAT, "images": self.images.detach().cpu(), "labels": self.labels.cpu(),
+                "space": self.space, "extras": _cpu(self.extras), "metadata": self.metadata}
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, factor=None):
+        """Load our format, the DC/DSA/DM reference's {'data': [[images, labels], ...]} (normalised), or IDC's
+        [images, targets] (pixel space; pass factor for multi-formation sets)."""
+        blob = safe_load(path)
+        if isinstance(blob, dict) and blob.get("format") == FORMAT:
+            return cls(blob["images"], blob["labels"], blob["space"], blob["extras"], blob["metadata"])
+        if isinstance(blob, dict) and "data" in blob and isinstance(blob["data"], (list, tuple)) and blob["data"]:
+            images, labels = blob["data"][0][0], blob["data"][0][1]
+            return cls(images.float(), labels.long(), "normalized", {},
+                       {"source": "dc-reference", "path": str(path), "experiments_in_file": len(blob["data"])})
+        if isinstance(blob, (list, tuple)) and len(blob) == 2 and all(torch.is_tensor(t) for t in blob):
+            extras = {"factor": int(factor)} if factor else {}
+            return cls(blob[0].float(), blob[1].long(), "pixel", extras, {"source": "idc-reference", "path": str(path)})
+        raise BenchmarkError(
+            f"{path} is not a synthetic set this tool knows (ours, the DC/DSA/DM reference's {{'data': [[x, y]]}}, "
+            f"or IDC's [x, y]); got a {type(blob).__name__}.")
+
+
+def _cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def safe_load(path):
+    """torch.load with weights_only=True and errors that name the problem."""
+    if not os.path.exists(path):
+        raise BenchmarkError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise BenchmarkError(
+                f"{path} needs arbitrary code to load (it pickles objects, not just tensors); refusing for safety. "
+                f"Re-save it as plain tensors/lists/dicts. ({msg})") from None
+        raise BenchmarkError(f"{path} is corrupt or truncated and cannot be read ({msg}); delete it and "
+                             f"recompute it.") from None
+
+
+def provenance():
+    """Commit, library versions and hardware, recorded with every result."""
+    import kornia
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if dirty:
+            commit += "+dirty"
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    return {"commit": commit, "torch": torch.__version__, "kornia": kornia.__version__,
+            "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",
+            "threads": torch.get_num_threads()}

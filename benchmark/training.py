@@ -1,0 +1,59 @@
+"""Training loops on in-memory tensors (no DataLoader: the data is resident), shared by the methods' inner training
+and the evaluation harness."""
+import torch
+import torch.nn.functional as F
+
+from .augment import cutmix, cutmix_loss
+
+
+def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
+                lr_schedule=None):
+    """SGD on (x, y). Either `epochs` (shuffled passes, the last batch may be short) or `steps` (batches drawn from
+    a shuffled stream). `aug`: a DSA (independent per-image draws). `cutmix_p`: probability of CutMix per batch.
+    `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch."""
+    net.train()
+    n = len(y)
+    last = 0.0
+    if epochs is not None:
+        for ep in range(epochs):
+            if lr_schedule is not None:
+                for g in opt.param_groups:
+                    g["lr"] = lr_schedule(ep)
+            perm = torch.randperm(n, generator=gen)
+            tot = 0.0
+            for s in range(0, n, batch):
+                tot += _step(net, x, y, perm[s:s + batch], opt, aug, gen, cutmix_p) * len(perm[s:s + batch])
+            last = tot / n
+        return last
+    perm, pos, tot = torch.randperm(n, generator=gen), 0, 0.0
+    for _ in range(steps):
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + batch]
+        pos += batch
+        tot += _step(net, x, y, idx, opt, aug, gen, cutmix_p)
+    return tot / max(steps, 1)
+
+
+def _step(net, x, y, idx, opt, aug, gen, cutmix_p):
+    xb, yb = x[idx], y[idx]
+    if aug is not None:
+        xb = aug(xb, generator=gen)
+    if cutmix_p > 0 and float(torch.rand(1, generator=gen)) < cutmix_p:
+        xb, ya, yb2, lam = cutmix(xb, yb, generator=gen)
+        loss = cutmix_loss(net(xb), ya, yb2, lam)
+    else:
+        loss = F.cross_entropy(net(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def accuracy(net, x, y, batch=1024):
+    net.eval()
+    correct = 0
+    for s in range(0, len(y), batch):
+        correct += (net(x[s:s + batch]).argmax(1) == y[s:s + batch]).sum().item()
+    return correct / max(len(y), 1)

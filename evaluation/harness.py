@@ -1,0 +1,133 @@
+"""The one evaluation harness: train N fresh networks on a synthetic set under a named protocol, test each on the
+whole test split, report the FINAL-epoch accuracy (never the best over checkpoints), mean and std over N, and the
+full protocol with the numbers.
+
+Protocols (protocols.md):
+  dc     SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, lr x0.1 from epoch E//2+1, 300 epochs, no augmentation
+  dsa    the same with DSA and 1000 epochs (DSA, DM, and DC on MNIST in the references)
+  idc    1000 epochs, batch 64, lr 0.01, x0.2 at 2/3 and 5/6 of training, DSA + CutMix (p 0.5)
+  paper  the IWD paper's evaluation: each method's own augmentation, lr 0.1 for DC-family sets, 0.01 for IDC/PDD
+  full   the Full-Dataset upper bound: 50 epochs on the whole training set, batch 128, lr 0.01 x0.1 at 25, DSA off
+  auto   the protocol of the method that made the set (its metadata's evaluation_hint)
+  *-quick  reduced CPU variants (fewer epochs), labelled as such in every result.
+Sets made by PDD (extras['stages']) are evaluated the staged way: one network trains on stage 1, then on stages
+1..2, and so on, each phase with the protocol's schedule.
+"""
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from benchmark.augment import DSA, strategy_for
+from benchmark.errors import BenchmarkError, unknown_name
+from benchmark.networks import get_network
+from benchmark.training import accuracy, train_steps
+
+
+@dataclass
+class Protocol:
+    name: str
+    epochs: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch: int = 256
+    milestones: Tuple[float, ...] = (0.5,)   # fractions of training at which the lr decays
+    gamma: float = 0.1
+    dsa: bool = False
+    cutmix_p: float = 0.0
+    reduced: bool = False
+
+    def lr_at(self, epoch):
+        """The reference DC schedule decays from epoch E//2+1; milestones are fractions (0.5 -> E//2 + 1)."""
+        lr = self.lr
+        for m in self.milestones:
+            start = self.epochs // 2 + 1 if m == 0.5 else int(round(self.epochs * m))
+            if epoch >= start:
+                lr *= self.gamma
+        return lr
+
+
+PROTOCOLS = {
+    "dc": Protocol("dc", 300),
+    "dsa": Protocol("dsa", 1000, dsa=True),
+    "idc": Protocol("idc", 1000, batch=64, milestones=(2 / 3, 5 / 6), gamma=0.2, dsa=True, cutmix_p=0.5),
+    "paper-dc": Protocol("paper-dc", 300, lr=0.1),
+    "paper-dsa": Protocol("paper-dsa", 1000, lr=0.1, dsa=True),
+    "paper-idc": Protocol("paper-idc", 1000, batch=64, milestones=(2 / 3, 5 / 6), gamma=0.2, dsa=True, cutmix_p=0.5),
+    "full": Protocol("full", 50, batch=128),
+}
+# reduced CPU variants: 1/3 of the dc epochs, 1/5 of the 1000-epoch protocols, 30 full-data epochs
+_QUICK_EPOCHS = {"dc": 100, "dsa": 200, "idc": 200, "paper-dc": 100, "paper-dsa": 200, "paper-idc": 200, "full": 30}
+for _k, _e in _QUICK_EPOCHS.items():
+    PROTOCOLS[_k + "-quick"] = dataclasses.replace(PROTOCOLS[_k], name=_k + "-quick", epochs=_e, reduced=True)
+
+HINT_TO_PROTOCOL = {"dc": "dc", "dsa": "dsa", "dm": "dsa", "idc": "idc", "pdd": "idc", "select": "dc", "full": "full"}
+
+
+def list_protocols():
+    return sorted(list(PROTOCOLS) + ["auto", "auto-quick", "paper", "paper-quick"])
+
+
+def resolve_protocol(name, synset=None) -> Protocol:
+    """A protocol by name; 'auto' and 'paper' look at the set's evaluation_hint (the method family)."""
+    if isinstance(name, Protocol):
+        return name
+    quick = name.endswith("-quick")
+    base = name[:-6] if quick else name
+    if base in ("auto", "paper"):
+        hint = (synset.metadata.get("evaluation_hint") if synset is not None else None) or "dc"
+        family = HINT_TO_PROTOCOL.get(hint, "dc")
+        base = family if (base == "auto" or family == "full") else "paper-" + family
+    key = base + ("-quick" if quick else "")
+    if key not in PROTOCOLS:
+        raise unknown_name("protocol", name, list_protocols())
+    return PROTOCOLS[key]
+
+
+def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=0, device="cpu", net_kwargs=None):
+    """Train one fresh network through the stages ([(x, y)], cumulative) and return its final test accuracy."""
+    gen = torch.Generator().manual_seed(seed)
+    net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed,
+                      **(net_kwargs or {})).to(device)
+    aug = DSA(strategy=strategy_for(dataset.name)) if protocol.dsa else None
+    for x, y in stages:
+        opt = torch.optim.SGD(net.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                              weight_decay=protocol.weight_decay)
+        loss = train_steps(net, x.to(device), y.to(device), opt, epochs=protocol.epochs, batch=protocol.batch,
+                           aug=aug, gen=gen, cutmix_p=protocol.cutmix_p, lr_schedule=protocol.lr_at)
+        if not math.isfinite(loss):
+            raise BenchmarkError(f"evaluation training diverged (loss {loss}) under protocol {protocol.name}; "
+                                 f"the synthetic set may hold extreme values.")
+    return accuracy(net, dataset.x_test.to(device), dataset.y_test.to(device))
+
+
+def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, seed=0, device="cpu",
+             progress=False, net_kwargs=None):
+    """Train `num_eval` fresh networks on the set and test them. Returns a result dict with every detail."""
+    synset.check_fits(dataset)
+    proto = resolve_protocol(protocol, synset)
+    stages = synset.stage_data(dataset)
+    t0 = time.perf_counter()
+    accs = []
+    it = range(num_eval)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"evaluate {proto.name} {network}", leave=False)
+    for i in it:
+        accs.append(train_and_test(dataset, stages, proto, network, seed=seed * 1000 + 17 + i, device=device,
+                                   net_kwargs=net_kwargs))
+    t = torch.tensor(accs, dtype=torch.float64)
+    return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
+            "num_eval": num_eval, "network": network, "protocol": dataclasses.asdict(proto),
+            "staged": len(stages) > 1, "train_images": int(len(stages[-1][1])), "seconds": time.perf_counter() - t0}
+
+
+def evaluate_full(dataset, protocol="full", network="ConvNet", num_eval=5, seed=0, device="cpu"):
+    """The Full-Dataset upper bound: networks trained on the whole training set."""
+    from benchmark.synthetic import SyntheticSet
+    full = SyntheticSet(dataset.x_train, dataset.y_train, "normalized", {}, {"method": "full"})
+    return evaluate(full, dataset, protocol, network, num_eval, seed, device)

@@ -1,0 +1,2 @@
+"""Distillation and selection methods; importing this package registers them."""
+from . import baselines, dc  # noqa: F401

@@ -1,0 +1,122 @@
+"""Selection baselines and the upper bound: Random, Herding, Full Dataset."""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.method import Method
+from benchmark.networks import get_network
+from benchmark.registry import register_method
+from benchmark.synthetic import SyntheticSet
+from benchmark.training import train_steps
+
+
+@dataclass
+class RandomConfig:
+    pass
+
+
+@register_method("random")
+class RandomSelect(Method):
+    """IPC random real images per class (seeded). Also the paper's Random-Select ablation."""
+    Config = RandomConfig
+
+    def distill(self, task):
+        ds = task.dataset
+        ds.check_ipc(task.ipc)
+        gen = torch.Generator().manual_seed(task.seed)
+        idx = torch.cat([ds.sample_class(c, task.ipc, gen) for c in range(ds.num_classes)])
+        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
+                            {"selected_index": idx}, self.metadata(task, evaluation_hint="select"))
+
+
+@dataclass
+class HerdingConfig:
+    network: str = "ConvNet"
+    feature_epochs: int = 30      # training of the feature network on the real training set
+    lr: float = 0.01
+    batch: int = 256
+    cache_dir: str = ""           # "": ~/.cache/iwd-bench (set IWD_CACHE to move it)
+
+
+_FEATURE_NETS = {}
+
+
+def feature_network(task, cfg):
+    """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed)."""
+    ds = task.dataset
+    key = (ds.name, cfg.network, cfg.feature_epochs, task.seed)
+    if key in _FEATURE_NETS:
+        return _FEATURE_NETS[key]
+    net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed)
+    cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
+    path = os.path.join(cache, f"herding-{ds.name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # noqa: BLE001 - missing or stale cache: train it
+        gen = torch.Generator().manual_seed(task.seed)
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+        train_steps(net, ds.x_train, ds.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch, gen=gen,
+                    lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0))
+        try:
+            os.makedirs(cache, exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save(net.state_dict(), tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    net.eval()
+    _FEATURE_NETS[key] = net
+    return net
+
+
+def herding_select(features, k):
+    """Greedy herding (Welling 2009): step j picks the unselected sample nearest (L2) to (j+1)*mean - sum(selected)."""
+    mu = features.mean(0)
+    chosen, total = [], torch.zeros_like(mu)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for j in range(k):
+        target = (j + 1) * mu - total
+        d = ((features - target) ** 2).sum(1)
+        d[~available] = float("inf")
+        i = int(d.argmin())
+        chosen.append(i)
+        available[i] = False
+        total = total + features[i]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@register_method("herding")
+class Herding(Method):
+    """Per class, herding on the features (output of the last conv block, flattened) of a trained ConvNet."""
+    Config = HerdingConfig
+    presets = {"quick": {"feature_epochs": 10}, "cpu": {"feature_epochs": 10}}
+
+    def distill(self, task):
+        ds = task.dataset
+        ds.check_ipc(task.ipc)
+        net = feature_network(task, self.config)
+        picked = []
+        with torch.no_grad():
+            for c in range(ds.num_classes):
+                ix = ds.class_indices[c]
+                feats = torch.cat([net.embed(ds.x_train[ix[s:s + 1024]]) for s in range(0, len(ix), 1024)])
+                picked.append(ix[herding_select(feats.double(), task.ipc)])
+        idx = torch.cat(picked)
+        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
+                            {"selected_index": idx}, self.metadata(task, evaluation_hint="select"))
+
+
+@dataclass
+class FullConfig:
+    pass
+
+
+@register_method("full")
+class FullDataset(Method):
+    """The Full-Dataset upper bound: the whole training set, evaluated under the 'full' protocol. IPC is ignored."""
+    Config = FullConfig
+
+    def distill(self, task):
+        ds = task.dataset
+        return SyntheticSet(ds.x_train, ds.y_train, "normalized", {}, self.metadata(task, evaluation_hint="full"))
