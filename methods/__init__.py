@@ -1,2 +1,2 @@
 """Distillation and selection methods; importing this package registers them."""
-from . import baselines, dc  # noqa: F401
+from . import baselines, dc, dm, idc, pdd  # noqa: F401
