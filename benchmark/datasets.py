@@ -77,6 +77,11 @@ class Dataset:
                 f"IPC {ipc} is larger than the smallest class of {self.name} ({self.smallest_class} training "
                 f"images); choose --ipc <= {self.smallest_class}.")
 
+    def restrict(self, keep):
+        """The same dataset with only the training indices `keep` (e.g. after pruning); the test split is kept."""
+        import dataclasses
+        return dataclasses.replace(self, name=self.name, x_train=self.x_train[keep], y_train=self.y_train[keep])
+
     def describe(self):
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {self.num_classes} classes, "
                 f"{self.channels}x{self.image_size[0]}x{self.image_size[1]}")

@@ -31,9 +31,12 @@ class MatchingStep:
         with create_graph=True, or weights requiring grad, it is differentiable in weights and params).
     syn_stats[g] -> Phi_syn of group g (a tuple of tensors, with its graph to the synthetic images and params).
     distance(syn_stat, real_stat) -> scalar Dist for one group; the step's objective is the sum over groups.
-    params -> theta_t, the parameters both statistics depend on.
+    params -> the parameters whose gradients are matched (Phi for gradient matching is d loss / d params).
+    train_params -> theta_t, all parameters the inner training moves (defaults to params); the implicit term's
+        Hessian and g_M are taken with respect to these.
     inner_data -> 'synthetic' (S_inner = S: explicit term only) or 'real' (S_inner = D: implicit term too).
-    inner_loss() -> the inner-training loss at theta_t on real data, whose Hessian is H (only for inner_data='real').
+    instance_loss(x, y) -> per-instance inner-training losses at theta_t (only for inner_data='real'); the Hessian H
+        of their mean over the step's real batches is the one the implicit term inverts.
     """
     iteration: int
     params: List[torch.Tensor]
@@ -42,8 +45,14 @@ class MatchingStep:
     distance: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
     syn_stats: list = field(default_factory=list)
     inner_data: str = "synthetic"
-    inner_loss: Optional[Callable[[], torch.Tensor]] = None
+    instance_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    train_params: Optional[List[torch.Tensor]] = None
     writer: object = None
+    local_step: int = 0      # index of this matching step within the iteration (0 = first)
+
+    def __post_init__(self):
+        if self.train_params is None:
+            self.train_params = self.params
 
 
 def uniform_weights(step: MatchingStep):

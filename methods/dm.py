@@ -52,7 +52,7 @@ class DM(WeightedMatching, IterativeMethod):
         return {"images": images, "labels": torch.arange(ds.num_classes).repeat_interleave(task.ipc),
                 "opt_img": None}
 
-    def iteration(self, task, state, it, gen):
+    def fresh_net(self, task, it):
         cfg, ds = self.config, task.dataset
         kw = {"width": cfg.net_width} if cfg.net_width else {}
         net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size,
@@ -60,6 +60,17 @@ class DM(WeightedMatching, IterativeMethod):
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
+        return net
+
+    def scoring_step(self, task, synset, net_index, real_indices, gen):
+        net = self.fresh_net(task, net_index)
+        x, y = synset.training_data(task.dataset)
+        order = torch.cat([torch.nonzero(y == c).flatten() for c in sorted(real_indices)])
+        return self.build_step(task, net, x[order].to(task.device), gen, net_index, real_indices=real_indices)
+
+    def iteration(self, task, state, it, gen):
+        cfg, ds = self.config, task.dataset
+        net = self.fresh_net(task, it)
         leaf = state["images"].clone().to(task.device).requires_grad_(True)
         opt = torch.optim.SGD([leaf], lr=cfg.lr_img, momentum=cfg.momentum_img)
         if state.get("opt_img") is not None:
@@ -73,16 +84,17 @@ class DM(WeightedMatching, IterativeMethod):
         state["opt_img"] = opt.state_dict()
         return {"loss": float(loss.detach()) / ds.num_classes}
 
-    def build_step(self, task, net, leaf, gen, it):
+    def build_step(self, task, net, leaf, gen, it, real_indices=None):
         cfg, ds = self.config, task.dataset
         dsa = DSA(strategy=cfg.dsa_strategy or strategy_for(ds.name)) if cfg.dsa else None
-        ipc = len(leaf) // ds.num_classes
+        classes = sorted(real_indices) if real_indices is not None else range(ds.num_classes)
+        ipc = len(leaf) // len(classes)
         batches, real_aug, syn_aug = [], [], []
-        for c in range(ds.num_classes):
-            idx = ds.sample_class(c, cfg.batch_real, gen)
+        for g, c in enumerate(classes):
+            idx = real_indices[c] if real_indices is not None else ds.sample_class(c, cfg.batch_real, gen)
             xr = ds.x_train[idx].to(task.device)
             batches.append(RealBatch(xr, ds.y_train[idx].to(task.device), idx, c))
-            xs = leaf[c * ipc:(c + 1) * ipc]
+            xs = leaf[g * ipc:(g + 1) * ipc]
             if dsa is not None:
                 xr, xs = dsa.siamese(xr, xs, gen)
             real_aug.append(xr)

@@ -83,15 +83,15 @@ class GradientMatching(WeightedMatching, IterativeMethod):
     def metric(self, task):
         return self.config.metric
 
-    def build_step(self, task, net, params, syn_batches, gen, it, classes=None):
+    def build_step(self, task, net, params, syn_batches, gen, it, real_indices=None):
         """syn_batches[c] = (x_syn_c differentiable in the stored images, y_syn_c). Returns a MatchingStep with
-        the synthetic statistics computed (with graph)."""
+        the synthetic statistics computed (with graph). real_indices[c]: given real batches instead of sampled."""
         ds, cfg = task.dataset, self.config
         dsa = self.dsa_for(task)
-        classes = range(ds.num_classes) if classes is None else classes
+        classes = sorted(syn_batches)
         batches, aug_params, syn_stats = [], [], []
         for c in classes:
-            idx = ds.sample_class(c, cfg.batch_real, gen)
+            idx = real_indices[c] if real_indices is not None else ds.sample_class(c, cfg.batch_real, gen)
             xr = ds.x_train[idx].to(task.device)
             batches.append(RealBatch(xr, ds.y_train[idx].to(task.device), idx, c))
             aug_params.append(dsa.sample(1, ds.image_size[0], gen, siamese=True) if dsa is not None else None)
@@ -114,9 +114,13 @@ class GradientMatching(WeightedMatching, IterativeMethod):
             return weighted_grad(net, params, augment(g, b.x), b.y, weights,
                                  create_graph=create_graph or weights.requires_grad)
 
-        return MatchingStep(iteration=it, params=params, batches=batches, real_statistic=real_statistic,
+        step = MatchingStep(iteration=it, params=params, batches=batches, real_statistic=real_statistic,
                             distance=lambda s, r: match_distance(s, r, metric), syn_stats=syn_stats,
-                            inner_data=self.inner_data, writer=task.writer)
+                            inner_data=self.inner_data, writer=task.writer,
+                            train_params=[p for p in net.parameters() if p.requires_grad])
+        if self.inner_data == "real":  # the network trains on real data: per-instance CE at theta_t (un-augmented)
+            step.instance_loss = lambda x, y: F.cross_entropy(net(x), y, reduction="none")
+        return step
 
     # ------------------------------------------------------------------------------------------------------------
     # the shared outer iteration: fresh network; K x [match -> image step -> train the network between steps]
@@ -173,6 +177,7 @@ class GradientMatching(WeightedMatching, IterativeMethod):
                 xs = self.synthetic_images(task, leaf[rows])
                 syn[c] = (xs, torch.full((len(xs),), c, dtype=torch.long, device=task.device))
             step = self.build_step(task, net, params, syn, gen, it)
+            step.local_step = k
             loss = self.matching_loss(step, self.instance_weights(step))
             opt_img.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,6 +192,15 @@ class GradientMatching(WeightedMatching, IterativeMethod):
         state["images"] = images
         state["opt_img"] = opt_img.state_dict()
         return {"loss": sum(losses) / len(losses)}
+
+    def scoring_step(self, task, synset, net_index, real_indices, gen):
+        """A matching step of a fresh network (seeded by net_index) against a given synthetic set, with the given
+        real batches: what influence/ uses to score the whole training set."""
+        net = self.fresh_net(task, net_index)
+        params = self.matching_params(net)
+        x, y = synset.training_data(task.dataset)
+        syn = {c: (x[y == c].to(task.device), y[y == c].to(task.device)) for c in real_indices}
+        return self.build_step(task, net, params, syn, gen, net_index, real_indices=real_indices)
 
     def image_lr(self, task):
         return self.config.lr_img

@@ -1,0 +1,124 @@
+"""The paper's section 5.2 ablations, as registered methods, and whole-training-set scoring.
+
+- influence-select: the IPC most influential real instances per class, used directly as the synthetic set.
+- influence-prune-then-distill: drop the lowest-influence fraction (default 10%) of each class, then distil the
+  rest with the base method.
+- random-select is the `random` method.
+
+Whole-set scores (also `run.py influence`) are explicit influence scores of every training instance against a
+reference synthetic set, averaged over `num_nets` fresh networks. Within a class every chunk uses the same
+d Dist / d Phi_real (taken at the class's full uniform-weight statistic), so scores do not depend on chunking.
+Ablation reference set: IPC random real images per class (the starting point of real-initialised methods).
+"""
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.method import Method, Task, apply_overrides
+from benchmark.registry import create_method, register_method
+from benchmark.synthetic import SyntheticSet
+
+
+def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False):
+    """Explicit influence of every training instance of task.dataset against synset under `method`'s matching
+    statistic (a method with a `scoring_step`). Returns a float64 tensor of length N_train."""
+    ds = task.dataset
+    scores = torch.zeros(len(ds.y_train), dtype=torch.float64)
+    nets = range(num_nets)
+    if progress:
+        from tqdm import tqdm
+        nets = tqdm(nets, desc="influence", leave=False)
+    for n in nets:
+        gen = torch.Generator().manual_seed(task.seed * 7919 + n)
+        for c in range(ds.num_classes):
+            ix = ds.class_indices[c]
+            chunks = list(ix.split(chunk))
+            # d Dist / d Phi_real at the class's full uniform statistic (a weighted sum of the chunks' statistics)
+            full = None
+            for ch in chunks:
+                step = method.scoring_step(task, synset, 1_000_000 + n, {c: ch}, gen)
+                w = torch.full((len(ch),), 1.0 / len(ix), device=step.batches[0].x.device)
+                stat = [s.detach() for s in step.real_statistic(0, w, False)]
+                full = stat if full is None else [a + b for a, b in zip(full, stat)]
+            full = [t.requires_grad_(True) for t in full]
+            syn = [s.detach() for s in step.syn_stats[0]]
+            v = torch.autograd.grad(step.distance(syn, full), full)
+            for ch in chunks:
+                step = method.scoring_step(task, synset, 1_000_000 + n, {c: ch}, gen)
+                w = torch.full((len(ch),), 1.0 / len(ix), device=step.batches[0].x.device, requires_grad=True)
+                stat = step.real_statistic(0, w, True)
+                dot = sum((a * b).sum() for a, b in zip(stat, v))
+                (s,) = torch.autograd.grad(dot, w)
+                scores[ch] += s.detach().cpu().double() / num_nets
+    return scores
+
+
+def reference_set(task):
+    return create_method("random").distill(task)
+
+
+@dataclass
+class SelectConfig:
+    base: str = "dc"              # whose matching statistic defines influence
+    base_preset: str = ""
+    num_nets: int = 2
+    chunk: int = 512
+
+
+class _UsesBase(Method):
+    @classmethod
+    def make_config(cls, preset=None, overrides=None):
+        cfg = cls.Config()
+        if preset and preset != "reference":
+            cfg.base_preset = preset  # the preset goes to the base method
+        return apply_overrides(cfg, overrides)
+
+    def base_method(self):
+        return create_method(self.config.base, self.config.base_preset or None)
+
+    def whole_set_scores(self, task):
+        return score_training_set(self.base_method(), task, reference_set(task), self.config.num_nets,
+                                  self.config.chunk, task.progress)
+
+
+@register_method("influence-select")
+class InfluenceSelect(_UsesBase):
+    """Influence-Select: the IPC highest-influence real instances of each class, as the synthetic set."""
+    Config = SelectConfig
+
+    def distill(self, task):
+        ds = task.dataset
+        ds.check_ipc(task.ipc)
+        scores = self.whole_set_scores(task)
+        idx = torch.cat([ds.class_indices[c][scores[ds.class_indices[c]].argsort(descending=True)[:task.ipc]]
+                         for c in range(ds.num_classes)])
+        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
+                            {"selected_index": idx, "influence": {"scores": scores}},
+                            self.metadata(task, evaluation_hint="select"))
+
+
+@dataclass
+class PruneConfig(SelectConfig):
+    prune_fraction: float = 0.1
+
+
+@register_method("influence-prune-then-distill")
+class InfluencePruneThenDistill(_UsesBase):
+    """Drop the lowest-influence prune_fraction of each class, then distil the remaining data with the base."""
+    Config = PruneConfig
+
+    def distill(self, task):
+        ds = task.dataset
+        scores = self.whole_set_scores(task)
+        keep = []
+        for c in range(ds.num_classes):
+            ix = ds.class_indices[c]
+            n_keep = max(task.ipc, int(round(len(ix) * (1 - self.config.prune_fraction))))
+            keep.append(ix[scores[ix].argsort(descending=True)[:n_keep]])
+        keep = torch.cat(keep).sort().values
+        pruned = ds.restrict(keep)
+        out = self.base_method().distill(dataclasses.replace(task, dataset=pruned, checkpoint_path=None))
+        out.metadata.update(self.metadata(task, evaluation_hint=out.metadata.get("evaluation_hint")),
+                            base=self.config.base, kept=int(len(keep)))
+        return out

@@ -1,0 +1,66 @@
+"""Distillation influence scores (paper section 4.2, eqs. 8-12 and 24-25).
+
+I(z_j) = d M / d eps for w -> w + eps e_j, with M = sum_g Dist(Phi_syn_g, Phi_real_g(w)).
+Sign convention: a POSITIVE score means upweighting the instance RAISES the distillation objective (it carries
+information the synthetic set does not yet match); IWD gives such instances larger weights.
+
+Explicit term (eq. 24): <grad_2 Dist, d Phi_real / d w_j>, for all j of a group in O(1) passes: w is a leaf,
+Phi_real(w) is built with create_graph, and one backward of Dist gives every d Dist / d w_j (for gradient matching
+that is a double backward through the real batch).
+
+Implicit term (eq. 25, inner training on real data): u_j = -H^{-1} grad l_j, so
+I_j(implicit) = <g_M, u_j> = -<H^{-1} g_M, grad l_j>, with g_M the total derivative of M wrt theta (through both
+statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step, shared by the whole batch; then all
+<h, grad l_j> at once through the same weight-leaf trick (d/dw of <h, grad sum_i w_i l_i>).
+"""
+import torch
+
+from .ihvp import SolverConfig, inverse_hvp
+
+
+def explicit_scores(step, g, weights):
+    """d Dist_g / d w_j for every instance j of group g, at the given weights."""
+    w = weights.detach().clone().requires_grad_(True)
+    real = step.real_statistic(g, w, True)
+    syn = [s.detach() for s in step.syn_stats[g]]
+    (scores,) = torch.autograd.grad(step.distance(syn, real), w)
+    return scores.detach()
+
+
+def objective_gradient(step, weights):
+    """g_M = d (sum_g Dist_g) / d theta, through both the synthetic and the real statistics."""
+    total = 0.0
+    for g in range(len(step.batches)):
+        total = total + step.distance(step.syn_stats[g], step.real_statistic(g, weights[g].detach(), True))
+    grads = torch.autograd.grad(total, step.train_params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if gr is None else gr.detach() for gr, p in zip(grads, step.train_params)]
+
+
+def implicit_scores(step, weights, solver: SolverConfig):
+    """-<(H + damping I)^{-1} g_M, grad l_j> for every instance of every group (one iHVP for the whole step).
+    Returns (list of per-group score tensors, SolveInfo)."""
+    if step.instance_loss is None:
+        raise ValueError("implicit influence needs step.instance_loss (inner training on real data)")
+    x = torch.cat([b.x for b in step.batches])
+    y = torch.cat([b.y for b in step.batches])
+    g_m = objective_gradient(step, weights)
+    h, info = inverse_hvp(lambda: step.instance_loss(x, y).mean(), step.train_params, g_m, solver)
+    w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
+    grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
+    dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))
+    (per_instance,) = torch.autograd.grad(dot, w)
+    return list((-per_instance.detach()).split([len(b.y) for b in step.batches])), info
+
+
+def step_scores(step, weights, solver: SolverConfig = None, implicit=None):
+    """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real
+    data (or when implicit=True). Returns (per-group scores, info dict)."""
+    scores = [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))]
+    info = {"implicit": False}
+    use_implicit = (step.inner_data == "real") if implicit is None else implicit
+    if use_implicit:
+        imp, solve = implicit_scores(step, weights, solver or SolverConfig())
+        scores = [e + i for e, i in zip(scores, imp)]
+        info.update(implicit=True, solver=solve.solver, solver_iterations=solve.iterations,
+                    solver_residual=solve.residual, solver_converged=solve.converged, solver_note=solve.note)
+    return scores, info
