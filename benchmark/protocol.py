@@ -27,8 +27,10 @@ class RealBatch:
 class MatchingStep:
     """One matching step, as influence/ sees it.
 
-    real_statistic(g, weights, create_graph) -> Phi_real of group g's batch with those weights (a tuple of tensors;
-        with create_graph=True, or weights requiring grad, it is differentiable in weights and params).
+    real_statistic(g, weights, create_graph, rows=None) -> Phi_real of group g's batch with those weights (a tuple
+        of tensors; with create_graph=True, or weights requiring grad, it is differentiable in weights and params).
+        rows: a subset of the batch (weights then has one entry per row): Phi_real is linear in the weights, so
+        chunks add up (what whole-training-set scoring uses to bound memory).
     syn_stats[g] -> Phi_syn of group g (a tuple of tensors, with its graph to the synthetic images and params).
     distance(syn_stat, real_stat) -> scalar Dist for one group; the step's objective is the sum over groups.
     params -> the parameters whose gradients are matched (Phi for gradient matching is d loss / d params).

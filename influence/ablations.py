@@ -33,24 +33,24 @@ def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=Fal
         gen = torch.Generator().manual_seed(task.seed * 7919 + n)
         for c in range(ds.num_classes):
             ix = ds.class_indices[c]
-            chunks = list(ix.split(chunk))
-            # d Dist / d Phi_real at the class's full uniform statistic (a weighted sum of the chunks' statistics)
+            step = method.scoring_step(task, synset, 1_000_000 + n, {c: ix}, gen)
+            rows = torch.arange(len(ix)).split(chunk)
+            dev = step.batches[0].x.device
+            # d Dist / d Phi_real at the class's full uniform statistic (the sum of the chunks' statistics)
             full = None
-            for ch in chunks:
-                step = method.scoring_step(task, synset, 1_000_000 + n, {c: ch}, gen)
-                w = torch.full((len(ch),), 1.0 / len(ix), device=step.batches[0].x.device)
-                stat = [s.detach() for s in step.real_statistic(0, w, False)]
+            for r in rows:
+                w = torch.full((len(r),), 1.0 / len(ix), device=dev)
+                stat = [t.detach() for t in step.real_statistic(0, w, False, rows=r)]
                 full = stat if full is None else [a + b for a, b in zip(full, stat)]
             full = [t.requires_grad_(True) for t in full]
-            syn = [s.detach() for s in step.syn_stats[0]]
-            v = torch.autograd.grad(step.distance(syn, full), full)
-            for ch in chunks:
-                step = method.scoring_step(task, synset, 1_000_000 + n, {c: ch}, gen)
-                w = torch.full((len(ch),), 1.0 / len(ix), device=step.batches[0].x.device, requires_grad=True)
-                stat = step.real_statistic(0, w, True)
-                dot = sum((a * b).sum() for a, b in zip(stat, v))
-                (s,) = torch.autograd.grad(dot, w)
-                scores[ch] += s.detach().cpu().double() / num_nets
+            syn = [t.detach() for t in step.syn_stats[0]]
+            v = torch.autograd.grad(step.distance(syn, full), full, allow_unused=True)
+            v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, full)]
+            for r in rows:  # I_j = <v, d Phi_real / d w_j>, for a whole chunk in one double backward
+                w = torch.full((len(r),), 1.0 / len(ix), device=dev, requires_grad=True)
+                stat = step.real_statistic(0, w, True, rows=r)
+                (s,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(stat, v)), w)
+                scores[ix[r]] += s.detach().cpu().double() / num_nets
     return scores
 
 

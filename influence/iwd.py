@@ -14,6 +14,7 @@ Scores are also tracked per training instance (exponential moving average, keyed
 the synthetic set in extras['influence'].
 """
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ def influence_weights(scores, tau, standardize=True):
     """softmax(score / tau) within one group; sums to 1 like the base method's uniform weights."""
     if tau <= 0:
         raise BenchmarkError(f"tau must be > 0 (got {tau}); tau -> infinity gives the base method's uniform weights")
+    if math.isinf(tau):
+        return torch.full_like(scores, 1.0 / len(scores))
     s = scores
     if standardize and len(s) > 1:
         s = (s - s.mean()) / (s.std() + 1e-12)

@@ -43,7 +43,7 @@ class DCConfig:
 # Reduced settings, labelled as such wherever they are used. 'cpu': narrower network and smaller real batch for
 # Fashion-MNIST-size data on a laptop; 'quick': the digits quick suite (minutes for the whole table).
 CPU_PRESET = {"iterations": 200, "net_width": 32, "batch_real": 64}
-QUICK_PRESET = {"iterations": 40, "batch_real": 64, "outer_loop": 5, "inner_loop": 10}
+QUICK_PRESET = {"iterations": 30, "net_width": 32, "batch_real": 64, "outer_loop": 5, "inner_loop": 10}
 
 
 def _init_images(task, gen, per_class, init):

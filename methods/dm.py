@@ -42,7 +42,7 @@ def _sq_distance(syn, real):
 class DM(WeightedMatching, IterativeMethod):
     Config = DMConfig
     presets = {"cpu": {"iterations": 2000, "net_width": 32, "batch_real": 64},
-               "quick": {"iterations": 300, "batch_real": 64}}
+               "quick": {"iterations": 200, "net_width": 32, "batch_real": 64}}
     evaluation_hint = "dm"
 
     def init_state(self, task, gen):
@@ -110,8 +110,9 @@ class DM(WeightedMatching, IterativeMethod):
             syn_emb = net.embed(torch.cat(syn_aug)).split([len(x) for x in syn_aug])
         syn_stats = [(e.mean(0),) for e in syn_emb]
 
-        def real_statistic(g, weights, create_graph=False):
-            return ((weights[:, None] * real_emb[g]).sum(0),)
+        def real_statistic(g, weights, create_graph=False, rows=None):
+            emb = real_emb[g] if rows is None else real_emb[g][rows]
+            return ((weights[:, None] * emb).sum(0),)
 
         return MatchingStep(iteration=it, params=[p for p in net.parameters()], batches=batches,
                             real_statistic=real_statistic, distance=_sq_distance, syn_stats=syn_stats,

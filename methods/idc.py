@@ -51,7 +51,7 @@ class IDCConfig:
 class IDC(GradientMatching):
     Config = IDCConfig
     presets = {"cpu": {"iterations": 100, "inner_loop": 20, "net_width": 32},
-               "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256}}
+               "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256, "net_width": 32}}
     inner_data = "real"
     evaluation_hint = "idc"
 

@@ -109,9 +109,10 @@ class GradientMatching(WeightedMatching, IterativeMethod):
             ones = torch.full((len(ys),), 1.0 / len(ys), device=xs.device, dtype=xs.dtype)
             syn_stats.append(weighted_grad(net, params, augment(g, xs), ys, ones, create_graph=True))
 
-        def real_statistic(g, weights, create_graph=False):
+        def real_statistic(g, weights, create_graph=False, rows=None):
             b = batches[g]
-            return weighted_grad(net, params, augment(g, b.x), b.y, weights,
+            x, y = (b.x, b.y) if rows is None else (b.x[rows], b.y[rows])
+            return weighted_grad(net, params, augment(g, x), y, weights,
                                  create_graph=create_graph or weights.requires_grad)
 
         step = MatchingStep(iteration=it, params=params, batches=batches, real_statistic=real_statistic,

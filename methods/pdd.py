@@ -96,7 +96,7 @@ class PDD(Progressive, IDC):
     """PDD over IDC (the reference's base). `iterations` is per stage."""
     Config = PDDConfig
     presets = {"cpu": {"iterations": 40, "inner_loop": 20, "net_width": 32, "condition_epochs": 20},
-               "quick": {"iterations": 4, "inner_loop": 10, "n_data": 256, "condition_epochs": 20}}
+               "quick": {"iterations": 4, "inner_loop": 10, "n_data": 256, "net_width": 32, "condition_epochs": 20}}
     space = "pixel"
 
     def set_extras(self, task):

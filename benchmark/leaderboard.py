@@ -1,0 +1,154 @@
+"""Leaderboards in the shape of the IWD paper's Table 1: rows are methods, columns dataset x IPC, cells mean +- std
+(percent) of the final-epoch test accuracy pooled over seeds and evaluation networks; best bold, second underlined
+(selection rows and the Full-Dataset bound excluded from ranking); each IWD row shows its difference from its base
+row and marks it * when a two-sided Welch t-test over the pooled accuracies gives p < 0.05.
+Rows quoted from papers are marked "(reported)" and never ranked with measured rows.
+"""
+import csv
+import datetime
+import os
+from collections import OrderedDict
+
+from evaluation.stats import summarize, welch_test
+
+# Published numbers (ConvNet-3), from protocols.md and the IWD paper's Table 1: (dataset, ipc) -> (mean, std)
+REPORTED = {
+    "DC": {("mnist", 1): (91.7, 0.5), ("mnist", 10): (97.4, 0.2), ("mnist", 50): (98.8, 0.1),
+           ("fashion-mnist", 1): (70.5, 0.6), ("fashion-mnist", 10): (82.3, 0.4), ("fashion-mnist", 50): (83.6, 0.4),
+           ("cifar10", 1): (28.3, 0.5), ("cifar10", 10): (44.9, 0.5), ("cifar10", 50): (53.9, 0.5),
+           ("cifar100", 1): (12.8, 0.3), ("cifar100", 10): (25.2, 0.3),
+           ("svhn", 1): (31.2, 1.4), ("svhn", 10): (76.1, 0.6), ("svhn", 50): (82.3, 0.3)},
+    "DSA": {("fashion-mnist", 1): (70.6, 0.6), ("fashion-mnist", 10): (84.6, 0.3), ("fashion-mnist", 50): (88.7, 0.2),
+            ("cifar10", 1): (28.8, 0.7), ("cifar10", 10): (52.1, 0.5), ("cifar10", 50): (60.6, 0.5)},
+    "IWD+DC (paper)": {("cifar10", 1): (29.6, 0.6), ("cifar10", 10): (52.7, 0.6), ("cifar10", 50): (61.0, 0.4),
+                       ("cifar100", 1): (14.2, 0.5), ("cifar100", 10): (32.4, 0.2), ("cifar100", 50): (36.5, 0.3),
+                       ("svhn", 1): (34.4, 1.4), ("svhn", 10): (78.6, 0.1), ("svhn", 50): (83.4, 0.3)},
+    "IDC": {("cifar10", 1): (50.6, 0.4), ("cifar10", 10): (67.5, 0.5), ("cifar10", 50): (74.5, 0.1),
+            ("cifar100", 1): (28.4, 0.1), ("cifar100", 10): (45.1, 0.3),
+            ("svhn", 1): (68.5, 0.9), ("svhn", 10): (87.5, 0.3), ("svhn", 50): (90.1, 0.1)},
+    "IWD+IDC (paper)": {("cifar10", 1): (51.5, 0.5), ("cifar10", 10): (68.3, 0.6), ("cifar10", 50): (74.9, 0.3),
+                        ("cifar100", 1): (29.1, 0.3), ("cifar100", 10): (46.1, 0.5),
+                        ("svhn", 1): (70.1, 0.3), ("svhn", 10): (88.2, 0.4), ("svhn", 50): (90.8, 0.1)},
+}
+UNRANKED = ("full", "random", "herding", "influence-select")
+
+
+def _row_name(rec):
+    return rec["method"] + (f"@{rec['variant']}" if rec.get("variant") else "")
+
+
+def build_table(records, methods_order=None, network=None):
+    """-> (columns [(dataset, ipc)], rows OrderedDict name -> {col: summary dict with 'accs'})."""
+    cols = sorted({(r["dataset"], r["ipc"]) for r in records if r["method"] != "full"} or
+                  {(r["dataset"], r["ipc"]) for r in records})
+    rows = OrderedDict()
+    names = sorted({_row_name(r) for r in records},
+                   key=lambda n: (methods_order.index(n.split("@")[0]) if methods_order and n.split("@")[0]
+                                  in methods_order else 999, n))
+    for name in names:
+        rows[name] = {}
+        for col in cols:
+            accs = []
+            for r in records:
+                if _row_name(r) != name or r["dataset"] != col[0]:
+                    continue
+                if r["method"] != "full" and r["ipc"] != col[1]:
+                    continue
+                ev = r["evaluations"].get(network) if network else r["accuracy"]
+                if ev:
+                    accs += [100 * a for a in ev["accuracies"]]
+            if accs:
+                rows[name][col] = {**summarize(accs), "accs": accs}
+    for name in rows:  # IWD rows: difference from the base row and its significance
+        base = name[4:] if name.startswith("iwd+") else None
+        if base and base in rows:
+            for col, cell in rows[name].items():
+                if col in rows[base]:
+                    cell["diff"], cell["p"] = welch_test(cell["accs"], rows[base][col]["accs"])
+    for col in cols:  # ranks among distillation rows
+        ranked = sorted((c[col]["mean"], n) for n, c in rows.items()
+                        if col in c and n.split("@")[0] not in UNRANKED)
+        ranked.reverse()
+        for i, (_, n) in enumerate(ranked[:2]):
+            rows[n][col]["rank"] = i + 1
+    return cols, rows
+
+
+def _fmt(cell, style):
+    if cell is None:
+        return "—" if style != "csv" else ""
+    s = f"{cell['mean']:.1f} ± {cell['std']:.1f}" if style != "tex" else f"{cell['mean']:.1f}$\\pm${cell['std']:.1f}"
+    if cell.get("rank") == 1:
+        s = f"**{s}**" if style == "md" else f"\\textbf{{{s}}}"
+    elif cell.get("rank") == 2:
+        s = f"<u>{s}</u>" if style == "md" else f"\\underline{{{s}}}"
+    if "diff" in cell:
+        star = "*" if cell["p"] == cell["p"] and cell["p"] < 0.05 else ""
+        s += f" ({cell['diff']:+.1f}{star})" if style != "tex" else f" ({cell['diff']:+.1f}{star})"
+    return s
+
+
+def write_leaderboard(records, out_dir, suite, command, methods_order=None, figures=(), wall_seconds=None):
+    """Write leaderboard.md, .csv and .tex under out_dir. Returns the Markdown path."""
+    os.makedirs(out_dir, exist_ok=True)
+    cols, rows = build_table(records, methods_order)
+    datasets = sorted({c[0] for c in cols})
+    reported = OrderedDict((k, v) for k, v in REPORTED.items() if any(d in datasets for d, _ in v))
+    head = ["Method"] + [f"{d} IPC {i}" for d, i in cols]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, r in rows.items():
+        md.append("| " + " | ".join([n] + [_fmt(r.get(c), "md") for c in cols]) + " |")
+    for n, r in reported.items():
+        md.append("| " + " | ".join([f"{n} (reported)"] + [
+            (f"{r[c][0]:.1f} ± {r[c][1]:.1f}" if c in r else "—") for c in cols]) + " |")
+    prov = records[0] if records else {}
+    seeds = sorted({r["seed"] for r in records})
+    nets = sorted({r["accuracy"]["num_eval"] for r in records}) if records else []
+    protos = sorted({r["accuracy"]["protocol"]["name"] for r in records})
+    eval_nets = sorted({r["accuracy"]["network"] for r in records})
+    footer = [
+        "",
+        f"Final-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) x {', '.join(map(str, nets))} "
+        f"evaluation network(s), pooled. In IWD rows, (+d) is the difference from the base row; * marks p < 0.05 "
+        f"(two-sided Welch t-test over the pooled accuracies). Best **bold**, second <u>underlined</u> among "
+        f"distillation rows (selection rows and Full Dataset not ranked). Rows marked (reported) are published "
+        f"numbers under the references' full protocols, not measured here.",
+        "",
+        f"- suite: `{suite.name}` ({'REDUCED CPU settings' if suite.reduced else 'reference settings'}); "
+        f"preset `{suite.preset}`; evaluation protocol(s) {', '.join(protos)} on {', '.join(eval_nets)}",
+        f"- seeds: {seeds}; methods: {len(rows)} rows; cells: {len(records)}",
+        f"- commit {prov.get('commit', '?')}; torch {prov.get('torch', '?')}; hardware {prov.get('hardware', '?')}, "
+        f"{prov.get('threads', '?')} threads",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}"
+        + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
+        f"- command: `{command}`",
+    ]
+    for f in figures:
+        footer.append(f"- figure: [{os.path.basename(f)}](figures/{os.path.basename(f)})")
+    md_path = os.path.join(out_dir, "leaderboard.md")
+    with open(md_path, "w") as fh:
+        fh.write(f"# Leaderboard: {suite.name}\n\n{suite.description.strip()}\n\n" + "\n".join(md + footer) + "\n")
+    with open(os.path.join(out_dir, "leaderboard.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "dataset", "ipc", "mean", "std", "n", "diff_vs_base", "p_value", "source"])
+        for n, r in rows.items():
+            for c in cols:
+                if c in r:
+                    w.writerow([n, c[0], c[1], f"{r[c]['mean']:.3f}", f"{r[c]['std']:.3f}", r[c]["n"],
+                                f"{r[c].get('diff', float('nan')):.3f}", f"{r[c].get('p', float('nan')):.4g}",
+                                "measured"])
+        for n, r in reported.items():
+            for c in cols:
+                if c in r:
+                    w.writerow([n, c[0], c[1], r[c][0], r[c][1], "", "", "", "reported"])
+    tex = ["\\begin{tabular}{l" + "c" * len(cols) + "}", "\\toprule",
+           " & ".join(["Method"] + [f"{d} {i}" for d, i in cols]) + " \\\\", "\\midrule"]
+    for n, r in rows.items():
+        tex.append(" & ".join([n.replace("_", "\\_")] + [_fmt(r.get(c), "tex") for c in cols]) + " \\\\")
+    for n, r in reported.items():
+        tex.append(" & ".join([f"{n} (reported)"] + [
+            (f"{r[c][0]:.1f}$\\pm${r[c][1]:.1f}" if c in r else "--") for c in cols]) + " \\\\")
+    tex += ["\\bottomrule", "\\end{tabular}"]
+    with open(os.path.join(out_dir, "leaderboard.tex"), "w") as fh:
+        fh.write("\n".join(tex).replace("—", "--") + "\n")
+    return md_path

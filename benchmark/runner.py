@@ -1,0 +1,233 @@
+"""The grid runner: cells -> records, resumable, on one process, a local process pool, or a Ray cluster.
+
+Each finished cell writes ONE JSON record atomically (temp file + rename) under <run_root>/<suite>/records/, so a
+crash never leaves half a record and two workers never clobber each other (one file per cell, unique temp names).
+Rerunning a suite skips cells that have a record and resumes interrupted ones from their checkpoints
+(<run_root>/<suite>/checkpoints/). A failing cell writes <key>.failed.json with its error; the others go on.
+"""
+import datetime
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+from .errors import BenchmarkError
+from .suites import Cell, Suite
+
+
+class RunPaths:
+    def __init__(self, run_root, suite_name):
+        self.root = os.path.join(run_root, suite_name)
+        self.records = os.path.join(self.root, "records")
+        self.checkpoints = os.path.join(self.root, "checkpoints")
+        self.sets = os.path.join(self.root, "sets")
+        self.tensorboard = os.path.join(self.root, "tensorboard")
+
+    def ensure(self):
+        for d in (self.records, self.checkpoints, self.sets, self.tensorboard):
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:
+                raise BenchmarkError(f"cannot create {d} ({e.strerror}); choose a writable --run-root") from None
+        probe = os.path.join(self.records, f".write-test-{os.getpid()}")
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise BenchmarkError(f"results directory {self.records} is not writable ({e.strerror}); choose a "
+                                 f"writable --run-root") from None
+
+    def record(self, cell):
+        return os.path.join(self.records, cell.key + ".json")
+
+    def failed(self, cell):
+        return os.path.join(self.records, cell.key + ".failed.json")
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_records(run_root, suite_name):
+    paths = RunPaths(run_root, suite_name)
+    out = []
+    if not os.path.isdir(paths.records):
+        return out
+    for f in sorted(os.listdir(paths.records)):
+        if f.endswith(".json") and not f.endswith(".failed.json"):
+            try:
+                with open(os.path.join(paths.records, f)) as fh:
+                    out.append(json.load(fh))
+            except (OSError, json.JSONDecodeError):
+                continue  # a foreign or damaged file is not a record; the cell will simply rerun
+    return out
+
+
+def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", log=True, threads=None):
+    """Distil and evaluate one cell; returns the record (also written to disk)."""
+    import torch
+
+    from evaluation import evaluate
+
+    from .datasets import get_dataset
+    from .logging import make_writer
+    from .method import Task
+    from .registry import create_method
+    from .synthetic import provenance
+
+    if threads:
+        torch.set_num_threads(threads)
+    paths = RunPaths(run_root, suite.name)
+    ds = get_dataset(cell.dataset, data_root or suite.data_root or None)
+    method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
+    writer = make_writer(paths.tensorboard if log else None, cell.key)
+    task = Task(ds, cell.ipc, cell.seed, device, writer, os.path.join(paths.checkpoints, cell.key + ".pt"),
+                checkpoint_every=max(1, getattr(method.config, "iterations", 10) // 10), log_images_every=0)
+    t0 = time.perf_counter()
+    synset = method.distill(task)
+    t_distill = time.perf_counter() - t0
+    synset.save(os.path.join(paths.sets, cell.key + ".pt"))
+    evals = {}
+    for net in suite.eval_networks:
+        evals[net] = evaluate(synset, ds, suite.protocol, net, suite.num_eval, seed=cell.seed, device=device)
+    main = evals[suite.eval_networks[0]]
+    record = {
+        "key": cell.key, "suite": suite.name, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
+        "seed": cell.seed, "variant": cell.variant, "preset": suite.preset, "reduced": suite.reduced,
+        "config": synset.metadata.get("config"), "accuracy": main, "evaluations": evals,
+        "distill_seconds": t_distill, "eval_seconds": sum(e["seconds"] for e in evals.values()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(),
+    }
+    if writer is not None:
+        writer.add_scalar("eval/accuracy_mean", main["mean"], 0)
+        writer.add_scalar("eval/accuracy_std", main["std"], 0)
+        writer.add_scalar("time/distill_s", t_distill, 0)
+        from .logging import image_grid
+        x, _ = synset.training_data(ds)
+        if len(x) <= 1000:
+            writer.add_image("synthetic/final", image_grid(ds.denormalize(x), nrow=min(cell.ipc, 50)), 0)
+        from torch.utils.tensorboard.summary import hparams
+        hp = {"method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc, "seed": cell.seed,
+              "variant": cell.variant or "-", "preset": suite.preset}
+        for s in hparams(hp, {"hparam/accuracy": main["mean"]}):
+            writer.file_writer.add_summary(s)
+        writer.add_scalar("hparam/accuracy", main["mean"], 0)
+        writer.close()
+    write_json_atomic(paths.record(cell), record)
+    if os.path.exists(paths.failed(cell)):
+        os.remove(paths.failed(cell))
+    return record
+
+
+def _safe_run_cell(suite, cell, run_root, data_root, device, log, threads):
+    """Run one cell; never raises: returns ('ok', record) or ('failed', message)."""
+    try:
+        return "ok", run_cell(suite, cell, run_root, data_root, device, log, threads)
+    except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
+        msg = f"{type(e).__name__}: {e}"
+        detail = traceback.format_exc()
+        try:
+            write_json_atomic(RunPaths(run_root, suite.name).failed(cell),
+                              {"key": cell.key, "error": msg, "traceback": detail,
+                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        except OSError:
+            pass
+        return "failed", msg
+
+
+def pending_cells(suite, run_root):
+    paths = RunPaths(run_root, suite.name)
+    return [c for c in suite.cells() if not os.path.exists(paths.record(c))]
+
+
+def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, address=None, data_root=None,
+              device="cpu", log=True, progress=True, echo=print):
+    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message))."""
+    paths = RunPaths(run_root, suite.name)
+    paths.ensure()
+    cells = pending_cells(suite, run_root)
+    total = len(suite.cells())
+    echo(f"suite {suite.name}: {total} cells, {total - len(cells)} already done, {len(cells)} to run "
+         f"({executor} executor)")
+    failures, done = [], 0
+    bar = None
+    if progress and cells:
+        from tqdm import tqdm
+        bar = tqdm(total=len(cells), desc=f"suite {suite.name}", file=sys.stderr)
+
+    def report(cell, status, payload):
+        nonlocal done
+        if status == "ok":
+            done += 1
+            a = payload["accuracy"]
+            echo(f"  done  {cell.key}: {100 * a['mean']:.2f} +- {100 * a['std']:.2f} "
+                 f"(distill {payload['distill_seconds']:.0f}s, eval {payload['eval_seconds']:.0f}s)")
+        else:
+            failures.append((cell.key, payload))
+            echo(f"  FAIL  {cell.key}: {payload}")
+        if bar is not None:
+            bar.update(1)
+
+    if executor == "inline":
+        for cell in cells:
+            report(cell, *_safe_run_cell(suite, cell, run_root, data_root, device, log, None))
+    elif executor == "process":
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        workers = workers or max(1, (os.cpu_count() or 2) // 2)
+        threads = max(1, (os.cpu_count() or 2) // workers)
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_safe_run_cell, suite, c, run_root, data_root, device, log, threads): c for c in cells}
+            for f in cf.as_completed(futs):
+                try:
+                    status, payload = f.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (killed, OOM)
+                    status, payload = "failed", f"worker died: {type(e).__name__}: {e}"
+                report(futs[f], status, payload)
+    elif executor == "ray":
+        _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report)
+    else:
+        raise BenchmarkError(f"unknown executor {executor!r} (inline, process, ray)")
+    if bar is not None:
+        bar.close()
+    return done, failures
+
+
+def _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report):
+    try:
+        import ray
+    except ImportError:
+        raise BenchmarkError("the Ray executor needs ray: pip install -e '.[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        kw = {"address": address} if address else {"num_cpus": workers or os.cpu_count(), "include_dashboard": False}
+        ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
+        started = True
+    gpus = 1 if device.startswith("cuda") else 0
+    remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_safe_run_cell)
+    # the driver's working directory and sys.path are the workers' too on a local cluster; on a remote cluster the
+    # package must be installed on every node (pip install -e .).
+    refs = {remote.remote(suite, c, os.path.abspath(run_root), data_root, device, log, 1): c for c in cells}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                try:
+                    status, payload = ray.get(r)
+                except Exception as e:  # noqa: BLE001 - worker crash after retries
+                    status, payload = "failed", f"worker died: {type(e).__name__}: {e}"
+                report(refs[r], status, payload)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,27 @@
+"""Statistics over evaluation accuracies: mean, std, confidence interval, and the paired comparison of an IWD row
+with its base row."""
+import math
+
+import numpy as np
+
+
+def summarize(accs):
+    a = np.asarray(accs, dtype=np.float64)
+    n = len(a)
+    mean = float(a.mean()) if n else float("nan")
+    std = float(a.std()) if n > 1 else 0.0  # population std, as the references report (np.std)
+    half = 1.96 * float(a.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": n, "ci95": (mean - half, mean + half)}
+
+
+def welch_test(a, b):
+    """Two-sided Welch t-test of mean(a) != mean(b) over pooled evaluation accuracies (seeds x networks).
+    Returns (difference of means, p-value); p is nan when either side has fewer than 2 values or no spread."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan")
+    from scipy import stats
+    if a.std() == 0 and b.std() == 0:
+        return diff, float("nan")
+    return diff, float(stats.ttest_ind(a, b, equal_var=False).pvalue)

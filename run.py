@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""iwd-bench command line: distil, evaluate, score influence, and fill benchmark tables.
+
+  python run.py list
+  python run.py distill --method dc --dataset digits --ipc 10 --preset quick --out dc.pt
+  python run.py evaluate dc.pt --protocol auto --network ConvNet --num-eval 5
+  python run.py influence --method dc --dataset digits --synset dc.pt --out scores.csv
+  python run.py run --suite quick            # fill the table (resumable), then writes results/quick/
+  python run.py table --suite quick
+  python run.py tensorboard --suite quick
+"""
+import os
+import shlex
+import sys
+
+
+def _tune_allocator():
+    """glibc's allocator costs ~2x on large activation buffers here (ENVIRONMENT.md); these tunables must be set
+    before torch allocates. Skipped when tcmalloc is preloaded or IWD_NO_MALLOC_TUNING is set."""
+    if os.environ.get("IWD_NO_MALLOC_TUNING") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+        libc.mallopt(M_TOP_PAD, 1024 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+_tune_allocator()
+
+import click  # noqa: E402
+
+from benchmark.errors import BenchmarkError  # noqa: E402
+
+COMMAND = "python run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class Main(click.Group):
+    """Turns BenchmarkError into one line and exit code 2 (tracebacks only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BenchmarkError as e:
+            if ctx.params.get("debug") or os.environ.get("IWD_DEBUG"):
+                raise
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Main)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--plugin", multiple=True, help="Import a module that registers your own methods (repeatable).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+def cli(debug, plugin, threads):
+    """Dataset-distillation benchmark with Influence-Weighted Distillation (IWD)."""
+    from benchmark.registry import load_plugin
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    for p in plugin:
+        load_plugin(p)
+
+
+def _task(dataset, ipc, seed, device, data_root, download, log_dir, name, checkpoint=None, checkpoint_every=0):
+    from benchmark.datasets import get_dataset
+    from benchmark.logging import make_writer
+    from benchmark.method import Task
+    ds = get_dataset(dataset, data_root, download)
+    return Task(ds, ipc, seed, device, make_writer(log_dir, name), checkpoint, checkpoint_every, progress=True,
+                log_images_every=50 if log_dir else 0)
+
+
+data_options = [
+    click.option("--dataset", "-d", default="digits", show_default=True, help="A registered dataset (run.py list)."),
+    click.option("--data-root", default=None, help="Folder with the dataset files (torchvision layout)."),
+    click.option("--download", is_flag=True, help="Allow torchvision to download a missing dataset."),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+]
+
+
+def with_options(opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+@cli.command("list")
+def list_cmd():
+    """List methods, datasets, networks, protocols and suites."""
+    from benchmark.datasets import list_datasets
+    from benchmark.networks import list_networks
+    from benchmark.registry import get_method, list_methods
+    from benchmark.suites import list_suites
+    from evaluation import list_protocols
+    click.echo("methods:")
+    for m in list_methods():
+        cls = get_method(m)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        presets = ", ".join(["reference"] + sorted(cls.presets)) if cls.presets else "-"
+        click.echo(f"  {m:30s} presets: {presets:22s} {doc[:70]}")
+    click.echo("datasets:  " + ", ".join(list_datasets()))
+    click.echo("networks:  " + ", ".join(list_networks()))
+    click.echo("protocols: " + ", ".join(list_protocols()))
+    click.echo("suites:    " + ", ".join(list_suites()))
+
+
+@cli.command()
+@click.option("--method", "-m", required=True, help="A registered method (run.py list).")
+@with_options(data_options)
+@click.option("--ipc", type=int, default=1, show_default=True, help="Synthetic images per class.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preset", default="reference", show_default=True, help="reference, or a reduced preset (cpu, quick).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--out", "-o", required=True, help="Where to write the synthetic set (.pt).")
+@click.option("--log-dir", default=None, help="TensorBoard log root (off by default).")
+@click.option("--checkpoint-every", type=int, default=0, help="Checkpoint every K iterations (to OUT.ckpt).")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT.ckpt if present.")
+def distill(method, dataset, data_root, download, device, ipc, seed, preset, overrides, out, log_dir,
+            checkpoint_every, resume):
+    """Distil a synthetic set and save it."""
+    from benchmark.registry import create_method
+    m = create_method(method, preset, list(overrides))
+    ckpt = out + ".ckpt"
+    if not resume and os.path.exists(ckpt):
+        os.remove(ckpt)
+    task = _task(dataset, ipc, seed, device, data_root, download, log_dir, f"{dataset}-{method}-ipc{ipc}-s{seed}",
+                 ckpt if checkpoint_every else (ckpt if os.path.exists(ckpt) else None), checkpoint_every)
+    task.dataset.check_ipc(ipc) if method != "full" else None
+    syn = m.distill(task)
+    syn.save(out)
+    click.echo(f"saved {len(syn.labels)} synthetic images ({method}, {dataset}, IPC {ipc}, seed {seed}) to {out}")
+
+
+@cli.command()
+@click.argument("synset")
+@with_options(data_options)
+@click.option("--protocol", "-p", default="auto", show_default=True,
+              help="dc, dsa, idc, paper, full, their -quick variants, or auto (the method's own).")
+@click.option("--network", "-n", default="ConvNet", show_default=True, help="Evaluation network (cross-architecture).")
+@click.option("--num-eval", type=int, default=5, show_default=True, help="Fresh networks to train.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--factor", type=int, default=None, help="IDC multi-formation factor for IDC-format files.")
+def evaluate(synset, dataset, data_root, download, device, protocol, network, num_eval, seed, factor):
+    """Train fresh networks on a synthetic set (ours, DC/DSA/DM's or IDC's format) and test them."""
+    from benchmark.datasets import get_dataset
+    from benchmark.synthetic import SyntheticSet
+    from evaluation import evaluate as run_eval
+    syn = SyntheticSet.load(synset, factor)
+    dataset = syn.metadata.get("dataset", dataset) if dataset == "digits" else dataset
+    ds = get_dataset(dataset, data_root, download)
+    r = run_eval(syn, ds, protocol, network, num_eval, seed, device, progress=True)
+    p = r["protocol"]
+    click.echo(f"{dataset} {syn.metadata.get('method', '?')} -> {network}, protocol {p['name']} ({p['epochs']} epochs, "
+               f"lr {p['lr']}, batch {p['batch']}, dsa {p['dsa']}, cutmix {p['cutmix_p']}): "
+               f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f} % over {num_eval} nets "
+               f"({', '.join(f'{100 * a:.1f}' for a in r['accuracies'])})")
+
+
+@cli.command()
+@click.option("--method", "-m", required=True, help="Whose matching statistic defines influence (e.g. dc, dm).")
+@with_options(data_options)
+@click.option("--synset", required=True, help="The synthetic set to score the training set against.")
+@click.option("--preset", default="reference", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--num-nets", type=int, default=2, show_default=True, help="Fresh networks to average over.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", required=True, help="CSV of index,label,score (a .pt with the tensor is written beside).")
+def influence(method, dataset, data_root, download, device, synset, preset, overrides, num_nets, seed, out):
+    """Score every training instance's explicit influence against a synthetic set (the data of the paper's Fig. 1).
+    A positive score: upweighting the instance raises the distillation objective."""
+    import torch
+
+    from benchmark.registry import create_method
+    from benchmark.synthetic import SyntheticSet
+    from influence.ablations import score_training_set
+    m = create_method(method, preset, list(overrides))
+    syn = SyntheticSet.load(synset)
+    task = _task(syn.metadata.get("dataset", dataset), syn.ipc or 1, seed, device, data_root, download, None, "")
+    syn.check_fits(task.dataset)
+    scores = score_training_set(m, task, syn, num_nets, progress=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("index,label,score\n")
+        for i, (y, s) in enumerate(zip(task.dataset.y_train.tolist(), scores.tolist())):
+            f.write(f"{i},{y},{s:.8g}\n")
+    torch.save({"scores": scores, "labels": task.dataset.y_train, "method": method, "synset": synset},
+               os.path.splitext(out)[0] + ".pt")
+    click.echo(f"scored {len(scores)} instances -> {out}")
+
+
+suite_options = [
+    click.option("--suite", "-s", default="quick", show_default=True, help="A suite name (run.py list) or a YAML path."),
+    click.option("--methods", default=None, help="Comma list to narrow the suite's methods."),
+    click.option("--datasets", default=None, help="Comma list of datasets."),
+    click.option("--ipc", default=None, help="Comma list of IPCs."),
+    click.option("--seeds", default=None, help="Comma list of seeds."),
+    click.option("--variants", default=None, help="Comma list of the suite's variants."),
+    click.option("--num-eval", type=int, default=None, help="Evaluation networks per cell."),
+    click.option("--run-root", default="runs", show_default=True, help="Where records, sets, checkpoints, logs go."),
+    click.option("--results-root", default="results", show_default=True, help="Where leaderboards and figures go."),
+]
+
+
+def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
+    from benchmark.suites import load_suite, narrow
+    return narrow(load_suite(suite), methods, datasets, ipc, seeds, num_eval, variants=variants)
+
+
+@cli.command("run")
+@with_options(suite_options)
+@click.option("--executor", type=click.Choice(["inline", "process", "ray"]), default="inline", show_default=True)
+@click.option("--workers", type=int, default=None, help="Parallel cells (process pool / local Ray).")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
+@click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--no-tensorboard", is_flag=True, help="Do not write TensorBoard logs.")
+def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, executor, workers,
+            address, data_root, device, no_tensorboard):
+    """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
+    import time
+
+    from benchmark.runner import run_suite
+    s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
+    t0 = time.time()
+    done, failures = run_suite(s, run_root, executor, workers, address, data_root, device, not no_tensorboard)
+    click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed")
+    path = _write_table(s, run_root, results_root)
+    if path:
+        click.echo(f"leaderboard: {path}")
+    if failures:
+        for k, msg in failures:
+            click.secho(f"failed: {k}: {msg}", fg="red", err=True)
+        sys.exit(1)
+
+
+def _write_table(s, run_root, results_root, command=None):
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.runner import read_records
+    wanted = {c.key for c in s.cells()}
+    recs = [r for r in read_records(run_root, s.name) if r["key"] in wanted]
+    if not recs:
+        return None
+    wall = sum(r["distill_seconds"] + r["eval_seconds"] for r in recs)
+    out = os.path.join(results_root, s.name)
+    figs = sorted(os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))) \
+        if os.path.isdir(os.path.join(out, "figures")) else []
+    return write_leaderboard(recs, out, s, command or COMMAND, s.methods, figs, wall)
+
+
+@cli.command()
+@with_options(suite_options)
+def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root):
+    """Write results/<suite>/leaderboard.{md,csv,tex} from the finished cells."""
+    s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
+    path = _write_table(s, run_root, results_root)
+    if not path:
+        raise BenchmarkError(f"no finished cells for suite {s.name!r} under {run_root}; run: python run.py run "
+                             f"--suite {s.name}")
+    click.echo(open(path).read())
+
+
+@cli.command()
+@click.option("--suite", "-s", default=None, help="Show one suite's logs (default: all under the run root).")
+@click.option("--run-root", default="runs", show_default=True)
+@click.option("--start", is_flag=True, help="Start TensorBoard instead of printing the command.")
+def tensorboard(suite, run_root, start):
+    """Print (or run) the TensorBoard command for the logs of every run."""
+    logdir = os.path.join(run_root, suite, "tensorboard") if suite else run_root
+    cmd = ["tensorboard", "--logdir", logdir, "--port", "6006"]
+    if start:
+        os.execvp(cmd[0], cmd)
+    click.echo(" ".join(cmd))
+
+
+if __name__ == "__main__":
+    cli()

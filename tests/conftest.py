@@ -1,0 +1,33 @@
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from benchmark.datasets import get_dataset
+    return get_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits64(digits):
+    """The digits dataset in float64, for checking math."""
+    return dataclasses.replace(digits, x_train=digits.x_train.double(), x_test=digits.x_test.double())
+
+
+@pytest.fixture
+def task_of():
+    from benchmark.method import Task
+
+    def make(ds, ipc=1, seed=0, **kw):
+        return Task(ds, ipc, seed, **kw)
+    return make

@@ -1,0 +1,236 @@
+"""Influence math against independent references: finite differences, dense Hessians, actual retraining."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.protocol import MatchingStep, RealBatch, uniform_weights
+from benchmark.registry import create_method
+from influence import SolverConfig, explicit_scores, implicit_scores, influence_weights, inverse_hvp
+from influence.ihvp import HVP, cg_solve, lissa_solve
+
+
+def _dc_step(ds, task_of, method="dc", extra=(), seed=0):
+    m = create_method(method, None, ["net_width=4", "batch_real=6", *extra])
+    task = task_of(ds, 2, seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = m.fresh_net(task, 0).double()
+    params = m.matching_params(net)
+    syn = {c: (ds.x_train[ds.class_indices[c][:2]].clone() + 0.1, torch.full((2,), c)) for c in range(3)}
+    return m, m.build_step(task, net, params, syn, gen, 0)
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "idc"])
+def test_explicit_scores_equal_finite_differences(digits64, task_of, method):
+    m, step = _dc_step(digits64, task_of, method)
+    w0 = uniform_weights(step)
+    for g in range(len(step.batches)):
+        scores = explicit_scores(step, g, w0[g])
+        syn = [s.detach() for s in step.syn_stats[g]]
+
+        def objective(w):
+            return float(step.distance(syn, step.real_statistic(g, w, False)))
+        eps = 1e-6
+        for j in range(len(w0[g])):
+            e = torch.zeros_like(w0[g])
+            e[j] = eps
+            fd = (objective(w0[g] + e) - objective(w0[g] - e)) / (2 * eps)
+            assert abs(fd - float(scores[j])) <= 1e-5 * max(1.0, abs(fd)), (g, j, fd, float(scores[j]))
+            # sign convention: a positive score means upweighting raises the objective
+            if abs(fd) > 1e-8:
+                assert (objective(w0[g] + 10 * e) > objective(w0[g])) == (float(scores[j]) > 0)
+
+
+def test_dm_explicit_scores_finite_differences(digits64, task_of):
+    m = create_method("dm", None, ["net_width=4", "batch_real=6"])
+    task = task_of(digits64, 2, 0)
+    net = m.fresh_net(task, 0).double()
+    leaf = digits64.x_train[torch.cat([digits64.class_indices[c][:2] for c in range(10)])].clone()
+    step = m.build_step(task, net, leaf, torch.Generator().manual_seed(0), 0)
+    w0 = uniform_weights(step)
+    s = explicit_scores(step, 3, w0[3])
+    syn = [t.detach() for t in step.syn_stats[3]]
+    for j in range(6):
+        e = torch.zeros_like(w0[3])
+        e[j] = 1e-6
+        fd = (float(step.distance(syn, step.real_statistic(3, w0[3] + e))) -
+              float(step.distance(syn, step.real_statistic(3, w0[3] - e)))) / 2e-6
+        assert abs(fd - float(s[j])) <= 1e-5 * max(1.0, abs(fd))
+
+
+def _spd_problem(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = A @ A.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    theta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    return H, theta, lambda: 0.5 * theta @ H @ theta, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def test_cg_and_lissa_match_exact_inverse():
+    H, theta, loss, v = _spd_problem()
+    exact = torch.linalg.solve(H + 0.01 * torch.eye(12, dtype=torch.float64), v)
+    h_cg, info = cg_solve(HVP(loss(), [theta], 0.01), [v], max_iter=100, tol=1e-10)
+    assert (h_cg[0] - exact).norm() / exact.norm() <= 1e-4 and info.converged
+    top = float(torch.linalg.eigvalsh(H).max())
+    h_l, info_l = lissa_solve(HVP(loss(), [theta], 0.01), [v], scale=1.2 * top, depth=3000, tol=1e-6)
+    assert (h_l[0] - exact).norm() / exact.norm() <= 5e-2
+    h_ex, _ = inverse_hvp(loss, [theta], [v], SolverConfig("exact", damping=0.01))
+    assert (h_ex[0] - exact).norm() / exact.norm() <= 1e-10
+
+
+def test_lissa_divergence_detected_and_falls_back():
+    H, theta, loss, v = _spd_problem()
+    cfg = SolverConfig("lissa", damping=0.01, lissa_scale=0.01, lissa_depth=500, lissa_fallback=False, max_iter=100)
+    from influence.ihvp import InfluenceError
+    with pytest.raises(InfluenceError, match="diverged"):
+        inverse_hvp(loss, [theta], [v], cfg)
+    cfg.lissa_fallback = True
+    h, info = inverse_hvp(loss, [theta], [v], cfg)
+    assert "fell back to CG" in info.note and all(torch.isfinite(t).all() for t in h)
+
+
+def test_implicit_scores_match_dense_hessian(digits64, task_of):
+    """-<(H + damping I)^{-1} g_M, grad l_j> against a dense Hessian and a per-sample backward loop."""
+    m, step = _dc_step(digits64, task_of, "idc", ["network=ConvNetD1"])
+    w0 = uniform_weights(step)
+    damping = 1.0
+    scores, info = implicit_scores(step, w0, SolverConfig("exact", damping=damping))
+    params = step.train_params
+    x = torch.cat([b.x for b in step.batches])
+    y = torch.cat([b.y for b in step.batches])
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    # dense Hessian of the mean inner loss, row by row
+    g = flat(torch.autograd.grad(step.instance_loss(x, y).mean(), params, create_graph=True))
+    H = torch.stack([flat(torch.autograd.grad(g[i], params, retain_graph=True)) for i in range(len(g))])
+    total = sum(step.distance(step.syn_stats[k], step.real_statistic(k, w0[k], True)) for k in range(len(w0)))
+    g_m = flat(torch.autograd.grad(total, params, retain_graph=True))
+    h = torch.linalg.solve(H + damping * torch.eye(len(g), dtype=H.dtype), g_m)
+    per_sample = []
+    for j in range(len(y)):  # independent reference: one backward per sample
+        lj = step.instance_loss(x[j:j + 1], y[j:j + 1]).sum()
+        per_sample.append(-(h @ flat(torch.autograd.grad(lj, params))))
+    expected = torch.stack(per_sample)
+    got = torch.cat(scores)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
+    # CG with the same damping agrees when H + damping I is positive definite
+    if torch.linalg.eigvalsh(H + damping * torch.eye(len(g), dtype=H.dtype)).min() > 0:
+        cg, _ = implicit_scores(step, w0, SolverConfig("cg", damping=damping, max_iter=500, tol=1e-10))
+        assert torch.allclose(torch.cat(cg), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_influence_predicts_retraining_logistic_regression(digits64):
+    """Upweighting an instance of L2-regularised logistic regression trained to convergence: the implicit influence
+    (one iHVP, batched over instances) against actually retraining with the instance upweighted."""
+    from scipy.stats import pearsonr, spearmanr
+    ds = digits64
+    n = 400
+    X = ds.x_train[:n].reshape(n, -1)
+    Y = ds.y_train[:n]
+    Xt, Yt = ds.x_test[:200].reshape(200, -1), ds.y_test[:200]
+    lam = 1e-2
+
+    def fit(extra_w=None):
+        W = torch.zeros(64, 10, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([W], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                                history_size=50, line_search_fn="strong_wolfe")
+        ew = torch.zeros(n, dtype=torch.float64) if extra_w is None else extra_w
+
+        def closure():
+            opt.zero_grad()
+            per = F.cross_entropy(X @ W, Y, reduction="none") + 0.5 * lam * (W ** 2).sum()
+            loss = per.mean() + (ew * per).sum()
+            loss.backward()
+            return loss
+        for _ in range(5):
+            opt.step(closure)
+        return W.detach()
+
+    W0 = fit().requires_grad_(True)
+    test_loss = lambda W: F.cross_entropy(Xt @ W, Yt)  # noqa: E731
+    step = MatchingStep(
+        iteration=0, params=[W0], batches=[RealBatch(X, Y, torch.arange(n), 0)],
+        real_statistic=lambda g, w, cg=False: (test_loss(W0),), distance=lambda s, r: r[0] - s[0],
+        syn_stats=[(torch.zeros((), dtype=torch.float64),)], inner_data="real",
+        instance_loss=lambda x, y: F.cross_entropy(x @ W0, y, reduction="none") + 0.5 * lam * (W0 ** 2).sum())
+    (pred,), info = implicit_scores(step, uniform_weights(step), SolverConfig("cg", damping=0.0, max_iter=500,
+                                                                            tol=1e-12))
+    base = float(test_loss(W0))
+    order = pred.abs().argsort(descending=True)[:12].tolist() + pred.abs().argsort()[:4].tolist()
+    eps = 0.01
+    actual = []
+    for j in order:
+        ew = torch.zeros(n, dtype=torch.float64)
+        ew[j] = eps
+        actual.append((float(test_loss(fit(ew))) - base) / eps)
+    p = pred[order].numpy()
+    assert pearsonr(p, actual)[0] > 0.9 and spearmanr(p, actual)[0] > 0.9, (p, actual)
+
+
+def test_weights_softmax_and_tau_limits():
+    s = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    w = influence_weights(s, 1.0, standardize=False)
+    assert torch.allclose(w, torch.softmax(s, 0)) and math.isclose(float(w.sum()), 1.0)
+    assert torch.equal(influence_weights(s, math.inf), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert influence_weights(s, 1e-3, standardize=False).argmax() == 2
+    # shift invariance: adding a constant to every score changes nothing
+    assert torch.allclose(influence_weights(s + 5, 0.7, False), influence_weights(s, 0.7, False))
+
+
+def test_tau_infinity_reproduces_base_method_exactly(digits, task_of):
+    over = ["iterations=2", "net_width=8", "batch_real=8", "outer_loop=2", "inner_loop=2"]
+    base = create_method("dc", None, over).distill(task_of(digits, 1, 3))
+    iwd = create_method("iwd+dc", None, over + ["tau=inf"]).distill(task_of(digits, 1, 3))
+    assert torch.equal(base.images, iwd.images)
+    near = create_method("iwd+dc", None, over + ["tau=1e9"]).distill(task_of(digits, 1, 3))
+    assert torch.allclose(base.images, near.images, atol=1e-5)
+    tracked = iwd.extras["influence"]
+    assert int(tracked["count"].sum()) == 2 * 2 * 10 * 8  # iterations x outer steps x classes x batch
+
+
+def test_whole_set_scores_do_not_depend_on_chunking_and_are_deterministic(digits, task_of):
+    from influence.ablations import reference_set, score_training_set
+    m = create_method("dc", None, ["net_width=8"])
+    task = task_of(digits, 1, 0)
+    syn = reference_set(task)
+    a = score_training_set(m, task, syn, num_nets=1, chunk=40)
+    b = score_training_set(m, task, syn, num_nets=1, chunk=1000)
+    c = score_training_set(m, task, syn, num_nets=1, chunk=40)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * float(a.abs().max()))  # float32 sums in another order
+    assert torch.equal(a, c)
+    assert np.isfinite(a.numpy()).all() and (a != 0).all()
+
+
+def test_iwd_decorator_for_a_user_method(digits, task_of):
+    """A user's own method gets its IWD variant with one line, and its weights are non-uniform."""
+    from benchmark.registry import get_method, register_method
+    from influence import influence_weighted
+    from methods.dm import DM
+
+    @register_method("my-dm-test")
+    class MyDM(DM):
+        """A user's method."""
+
+    iwd_cls = influence_weighted(MyDM)
+    assert get_method("iwd+my-dm-test") is iwd_cls
+    m = iwd_cls(iwd_cls.make_config(None, ["iterations=2", "net_width=8", "batch_real=8", "tau=0.1"]))
+    seen = []
+    orig = m.instance_weights
+
+    def spy(step):
+        w = orig(step)
+        seen.append(w)
+        return w
+    m.instance_weights = spy
+    m.distill(task_of(digits, 1, 0))
+    w = seen[0][0]
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6) and float(w.max() - w.min()) > 1e-3
+
+
+def test_bad_tau_is_a_clear_error():
+    from benchmark.errors import BenchmarkError
+    with pytest.raises(BenchmarkError, match="tau must be > 0"):
+        create_method("iwd+dc", None, ["tau=0"])
+    with pytest.raises(BenchmarkError, match="unknown solver"):
+        create_method("iwd+idc", None, ["solver=magic"])
