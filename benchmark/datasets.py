@@ -131,8 +131,8 @@ def get_dataset(name, data_root: Optional[str] = None, download: bool = False) -
     if key not in _CACHE:
         x_tr, y_tr, x_te, y_te, names = spec.loader(root, download)
         to_x = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-        ds = Dataset(name, to_x(x_tr), torch.as_tensor(y_tr, dtype=torch.int64),
-                     to_x(x_te), torch.as_tensor(y_te, dtype=torch.int64), spec.mean, spec.std, names)
+        ds = Dataset(name, to_x(x_tr), torch.as_tensor(np.array(y_tr), dtype=torch.int64),
+                     to_x(x_te), torch.as_tensor(np.array(y_te), dtype=torch.int64), spec.mean, spec.std, names)
         ds.x_train = ds.normalize(ds.x_train)
         ds.x_test = ds.normalize(ds.x_test)
         _CACHE[key] = ds

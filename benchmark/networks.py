@@ -43,6 +43,8 @@ def get_network(name, channels, num_classes, im_size, seed=None, **overrides):
 
 
 def make_norm(norm, ch, size):
+    if size is not None and size < 2 and norm in ("instance", "layer"):
+        return nn.Identity()  # normalising a single value per channel zeroes it: skip (8 px inputs in deep nets)
     if norm == "instance":  # the reference's 'instancenorm': GroupNorm with one group per channel, affine
         return nn.GroupNorm(ch, ch, affine=True)
     if norm == "batch":

@@ -130,12 +130,15 @@ def safe_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            name = text.split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in text else "an object"
             raise BenchmarkError(
-                f"{path} needs arbitrary code to load (it pickles objects, not just tensors); refusing for safety. "
-                f"Re-save it as plain tensors/lists/dicts. ({msg})") from None
-        raise BenchmarkError(f"{path} is corrupt or truncated and cannot be read ({msg}); delete it and "
+                f"{path} needs arbitrary code to load (it pickles {name}, not just tensors); refusing for safety. "
+                f"Re-save it from its source as plain tensors, lists and dicts.") from None
+        reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
+                       and "Weights only" not in ln), type(e).__name__)
+        raise BenchmarkError(f"{path} is corrupt or truncated and cannot be read ({reason[:160]}); delete it and "
                              f"recompute it.") from None
 
 

@@ -90,7 +90,7 @@ def herding_select(features, k):
 class Herding(Method):
     """Per class, herding on the features (output of the last conv block, flattened) of a trained ConvNet."""
     Config = HerdingConfig
-    presets = {"quick": {"feature_epochs": 10}, "cpu": {"feature_epochs": 10}}
+    presets = {"quick": {"feature_epochs": 10, "network": "ConvNetD2"}, "cpu": {"feature_epochs": 10}}
 
     def distill(self, task):
         ds = task.dataset

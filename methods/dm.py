@@ -18,7 +18,7 @@ from benchmark.protocol import MatchingStep, RealBatch, WeightedMatching
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 
-from .dc import _init_images
+from .dc import QUICK_NET, _init_images
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _sq_distance(syn, real):
 class DM(WeightedMatching, IterativeMethod):
     Config = DMConfig
     presets = {"cpu": {"iterations": 2000, "net_width": 32, "batch_real": 64},
-               "quick": {"iterations": 200, "net_width": 32, "batch_real": 64}}
+               "quick": {"iterations": 200, **QUICK_NET, "batch_real": 64}}
     evaluation_hint = "dm"
 
     def init_state(self, task, gen):

@@ -19,6 +19,7 @@ from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet, decode_multi_formation
 from benchmark.training import train_steps
 
+from .dc import QUICK_NET
 from .matching import GradientMatching
 
 MNIST_LIKE = ("mnist", "fashion-mnist", "digits")
@@ -51,7 +52,7 @@ class IDCConfig:
 class IDC(GradientMatching):
     Config = IDCConfig
     presets = {"cpu": {"iterations": 100, "inner_loop": 20, "net_width": 32},
-               "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256, "net_width": 32}}
+               "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256, **QUICK_NET}}
     inner_data = "real"
     evaluation_hint = "idc"
 

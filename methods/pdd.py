@@ -17,7 +17,7 @@ from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
 
-from .dc import DC, DCConfig, QUICK_PRESET as DC_QUICK, CPU_PRESET as DC_CPU
+from .dc import CPU_PRESET as DC_CPU, DC, DCConfig, QUICK_NET, QUICK_PRESET as DC_QUICK
 from .idc import IDC, IDCConfig
 
 
@@ -96,7 +96,7 @@ class PDD(Progressive, IDC):
     """PDD over IDC (the reference's base). `iterations` is per stage."""
     Config = PDDConfig
     presets = {"cpu": {"iterations": 40, "inner_loop": 20, "net_width": 32, "condition_epochs": 20},
-               "quick": {"iterations": 4, "inner_loop": 10, "n_data": 256, "net_width": 32, "condition_epochs": 20}}
+               "quick": {"iterations": 4, "inner_loop": 10, "n_data": 256, **QUICK_NET, "condition_epochs": 20}}
     space = "pixel"
 
     def set_extras(self, task):

@@ -1,0 +1,242 @@
+"""Datasets (real on-disk formats), networks, DSA, synthetic-set files, registry errors, evaluation."""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.augment import DSA, cutmix
+from benchmark.datasets import get_dataset, read_idx
+from benchmark.errors import BenchmarkError
+from benchmark.networks import get_network, list_networks
+from benchmark.registry import create_method, get_method
+from benchmark.synthetic import SyntheticSet, decode_multi_formation
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def test_digits_split_is_fixed_and_stratified(digits):
+    assert digits.x_train.shape == (1257, 1, 8, 8) and digits.x_test.shape == (540, 1, 8, 8)
+    assert digits.num_classes == 10 and digits.smallest_class >= 120
+    total = torch.bincount(digits.y_test) + torch.bincount(digits.y_train)
+    assert ((torch.bincount(digits.y_test) - 0.3 * total).abs() <= 1).all()  # 30% of each class
+    pixels = digits.denormalize(digits.x_train)
+    assert abs(float(digits.x_train.mean())) < 1e-3 and pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    for c, ix in enumerate(digits.class_indices):
+        assert (digits.y_train[ix] == c).all()
+
+
+def _write_idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_mnist_loader_reads_torchvision_layout(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(raw / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (30, 28, 28)))
+    _write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
+    _write_idx(raw / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (10, 28, 28)))
+    _write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.arange(10))
+    ds = get_dataset("mnist", str(tmp_path))
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.num_classes == 10
+    expected = (read_idx(str(raw / "train-images-idx3-ubyte.gz"))[3] / 255.0 - 0.1307) / 0.3081
+    assert torch.allclose(ds.x_train[3, 0], torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+
+
+def test_cifar_and_svhn_loaders_read_original_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(np.arange(20) % 10)}, f)
+    ds = get_dataset("cifar10", str(tmp_path))
+    assert ds.x_train.shape == (100, 3, 32, 32) and ds.x_test.shape == (20, 3, 32, 32)
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    for name in ("train", "test"):
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (200, 3072), dtype=np.uint8),
+                         "fine_labels": list(np.arange(200) % 100)}, f)
+    assert get_dataset("cifar100", str(tmp_path)).num_classes == 100
+    import scipy.io as sio
+    for name, n in (("train_32x32.mat", 20), ("test_32x32.mat", 10)):
+        sio.savemat(tmp_path / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                      "y": (np.arange(n) % 10 + 1).reshape(-1, 1)})
+    sv = get_dataset("svhn", str(tmp_path))
+    assert sv.x_train.shape == (20, 3, 32, 32) and set(sv.y_train.tolist()) == set(range(10))  # label 10 -> 0
+
+
+def test_missing_dataset_error_names_the_fix(tmp_path):
+    with pytest.raises(BenchmarkError, match="--download"):
+        get_dataset("cifar10", str(tmp_path / "nowhere"))
+    with pytest.raises(BenchmarkError, match="Did you mean 'fashion-mnist'"):
+        get_dataset("fashion-mnst")
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_debian_files(tmp_path):
+    ds = get_dataset("fashion-mnist", str(tmp_path))
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.y_train).tolist() == [6000] * 10
+    assert abs(float(ds.denormalize(ds.x_train[:1000]).mean()) - 0.2861) < 0.02
+
+
+def test_ipc_checks(digits):
+    with pytest.raises(BenchmarkError, match="larger than the smallest class"):
+        digits.check_ipc(10_000)
+    with pytest.raises(BenchmarkError, match="at least 1"):
+        digits.check_ipc(0)
+
+
+# ------------------------------------------------------------------------------------------------ networks
+@pytest.mark.parametrize("name", list_networks())
+@pytest.mark.parametrize("ch,size", [(1, 8), (1, 28), (3, 32)])
+def test_every_network_forward_shape(name, ch, size):
+    if name in ("ResNet18", "VGG11", "AlexNet", "ConvNetW256") and size > 8:
+        size = 8 if ch == 1 else size  # keep the slow ones cheap: still checks 3x32
+    net = get_network(name, ch, 7, size, seed=0)
+    x = torch.randn(2, ch, size, size)
+    assert net(x).shape == (2, 7)
+    assert net.embed(x).shape[0] == 2
+
+
+def test_seeded_construction_and_28px_padding():
+    a, b = get_network("ConvNet", 1, 10, 28, seed=5), get_network("ConvNet", 1, 10, 28, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = get_network("ConvNet", 1, 10, 28, seed=6)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+    assert a.feature_dim == 128 * 4 * 4  # 28 px: 32-16-8-4 as in the reference
+    with pytest.raises(BenchmarkError, match="Did you mean 'ConvNet'"):
+        get_network("ConvNt", 1, 10, 28)
+
+
+# ------------------------------------------------------------------------------------------------ DSA
+def test_siamese_parameters_are_shared_and_gradients_flow():
+    dsa = DSA()
+    g = torch.Generator().manual_seed(0)
+    real, syn = torch.randn(6, 3, 16, 16), torch.randn(2, 3, 16, 16, requires_grad=True)
+    for _ in range(12):
+        state = g.get_state()
+        ar, asyn = dsa.siamese(real, syn, g)
+        g.set_state(state)
+        p = dsa.sample(1, 16, g, siamese=True)
+        # the same images get the same transform whichever batch they are in
+        both = dsa.apply(torch.cat([real[:1], syn[:1]]), {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else v)
+                                                           for k, v in p.items()})
+        assert torch.allclose(both[0], ar[0], atol=1e-6) and torch.allclose(both[1], asyn[0], atol=1e-6)
+        if p["family"] != "cutout":
+            (gr,) = torch.autograd.grad(asyn.sum(), syn)
+            assert gr.abs().sum() > 0
+
+
+def test_each_dsa_op_on_a_known_image():
+    dsa = DSA()
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2, 5] = 1.0
+    flip = dsa.apply(x, {"family": "flip", "flip": torch.tensor([True])})
+    assert flip[0, 0, 2, 2] == 1.0
+    crop = dsa.apply(x, {"family": "crop", "shift": torch.tensor([[1, 2]])})  # (dx, dy)
+    assert crop[0, 0, 4, 6] == 1.0 and crop.sum() == 1.0
+    cut = dsa.apply(torch.ones(1, 1, 8, 8), {"family": "cutout", "side": 4, "offset": torch.tensor([[4, 4]])})
+    assert cut[0, 0, 2:6, 2:6].sum() == 0 and cut.sum() == 64 - 16
+    same = dsa.apply(x, {"family": "scale", "scale": torch.tensor([[1.0, 1.0]])})
+    assert torch.allclose(same, x, atol=1e-5)
+    rot = dsa.apply(x, {"family": "rotate", "angle": torch.tensor([0.0])})
+    assert torch.allclose(rot, x, atol=1e-5)
+    img = torch.rand(1, 3, 4, 4)
+    c = dsa.apply(img, {"family": "color", "brightness": torch.tensor([0.5]), "saturation": torch.tensor([0.5]),
+                        "contrast": torch.tensor([0.5])})
+    assert torch.allclose(c, img, atol=1e-6)  # brightness +0, saturation x1, contrast x1 is the identity
+    xm, ya, yb, lam = cutmix(torch.rand(4, 1, 8, 8), torch.arange(4), torch.Generator().manual_seed(0))
+    assert 0.0 <= lam <= 1.0 and xm.shape == (4, 1, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------ synthetic sets
+def test_multi_formation_decode_on_a_known_image():
+    img = torch.arange(16.0).view(1, 1, 4, 4)
+    out = decode_multi_formation(img, 2)
+    assert out.shape == (4, 1, 4, 4)
+    # tile (0, 1) is the top-right 2x2 block [[2, 3], [6, 7]], upsampled: its mean is preserved
+    assert torch.allclose(out[1].mean(), torch.tensor([2.0, 3.0, 6.0, 7.0]).mean())
+    assert torch.allclose(out[2].mean(), torch.tensor([8.0, 9.0, 12.0, 13.0]).mean())
+
+
+def test_idc_init_tiles_are_what_decode_splits(digits, task_of):
+    idc = create_method("idc", None, ["factor=2"])
+    state = idc.init_state(task_of(digits, 1, 0), torch.Generator().manual_seed(0))
+    assert state["images"].shape == (10, 1, 8, 8) and state["images"].min() >= 0 and state["images"].max() <= 1
+    dec = decode_multi_formation(state["images"][:1], 2)
+    assert dec.shape == (4, 1, 8, 8)
+
+
+def test_synthetic_set_round_trip_and_foreign_formats(tmp_path, digits):
+    s = SyntheticSet(torch.randn(10, 1, 8, 8), torch.arange(10), "normalized", {"factor": 1, "t": torch.ones(3)},
+                     {"method": "x", "ipc": 1})
+    s.save(tmp_path / "a.pt")
+    t = SyntheticSet.load(str(tmp_path / "a.pt"))
+    assert torch.equal(s.images, t.images) and t.extras["factor"] == 1 and t.metadata["ipc"] == 1
+    torch.save({"data": [[torch.randn(10, 1, 8, 8), torch.arange(10)]], "accs_all_exps": {}}, tmp_path / "dc.pt")
+    assert SyntheticSet.load(str(tmp_path / "dc.pt")).space == "normalized"
+    torch.save([torch.rand(10, 1, 8, 8), torch.arange(10)], tmp_path / "idc.pt")
+    idc = SyntheticSet.load(str(tmp_path / "idc.pt"))
+    assert idc.space == "pixel"
+    x, y = idc.training_data(digits)
+    assert x.shape == (10, 1, 8, 8)
+
+
+def test_corrupt_and_unsafe_files_give_clear_errors(tmp_path):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(b"not a torch file at all")
+    with pytest.raises(BenchmarkError, match="corrupt or truncated"):
+        SyntheticSet.load(str(p))
+    good = tmp_path / "good.pt"
+    SyntheticSet(torch.randn(2, 1, 8, 8), torch.arange(2)).save(good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(BenchmarkError, match="corrupt or truncated"):
+        SyntheticSet.load(str(tmp_path / "cut.pt"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(BenchmarkError, match="refusing for safety"):
+        SyntheticSet.load(str(tmp_path / "evil.pt"))
+    torch.save({"something": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(BenchmarkError, match="not a synthetic set"):
+        SyntheticSet.load(str(tmp_path / "foreign.pt"))
+
+
+def test_evaluate_rejects_a_set_that_does_not_fit(digits):
+    from evaluation import evaluate
+    with pytest.raises(BenchmarkError, match="shape"):
+        evaluate(SyntheticSet(torch.randn(10, 3, 32, 32), torch.arange(10)), digits, "dc-quick", num_eval=1)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_unknown_method_and_bad_overrides():
+    with pytest.raises(BenchmarkError, match="Did you mean 'iwd\\+dc'"):
+        get_method("iwd+dcc")
+    with pytest.raises(BenchmarkError, match="no key 'iteratons'.*Did you mean iterations"):
+        create_method("dc", None, ["iteratons=3"])
+    with pytest.raises(BenchmarkError, match="expects int"):
+        create_method("dc", None, ["iterations=abc"])
+    with pytest.raises(BenchmarkError, match="no preset"):
+        create_method("dc", "fast")
+
+
+def test_herding_beats_random_and_full_is_far_above(digits, task_of):
+    """On digits (quick protocol, 5 evaluation nets): herding > random at IPC 10; the full-data row far above."""
+    from evaluation import evaluate
+    t = task_of(digits, 10, 0)
+    r = evaluate(create_method("random").distill(t), digits, "dc-quick", num_eval=5)
+    h = evaluate(create_method("herding", "quick").distill(t), digits, "dc-quick", num_eval=5)
+    f = evaluate(create_method("full").distill(t), digits, "auto-quick", num_eval=2)
+    assert h["mean"] > r["mean"]
+    assert f["mean"] > max(h["mean"], r["mean"]) + 0.02

@@ -1,0 +1,139 @@
+"""Distillation methods: matching distance, weighted statistic, determinism, resume, PDD stages, loss decrease."""
+import math
+
+import pytest
+import torch
+
+from benchmark.errors import BenchmarkError
+from benchmark.protocol import uniform_weights
+from benchmark.registry import create_method
+from methods.matching import dc_loops, match_distance, weighted_grad
+
+TINY = ["iterations=3", "net_width=8", "batch_real=8", "inner_loop=2"]
+
+
+def test_match_distance_against_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    gs = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g), torch.randn(5, 6, generator=g)]
+    gr = [torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g), torch.randn(5, 6, generator=g)]
+    expected = 0.0
+    for s, r in ((gs[0].reshape(4, -1), gr[0].reshape(4, -1)), (gs[2], gr[2])):  # 1-D tensors contribute 0
+        for i in range(s.shape[0]):
+            expected += 1 - float(s[i] @ r[i]) / (float(s[i].norm() * r[i].norm()) + 1e-6)
+    assert math.isclose(float(match_distance(gs, gr, "ours")), expected, rel_tol=1e-5)
+    mse = sum(float(((a - b) ** 2).sum()) for a, b in zip(gs, gr))
+    assert math.isclose(float(match_distance(gs, gr, "mse")), mse, rel_tol=1e-5)
+    l1 = sum(float((a - b).abs().sum()) for a, b in zip(gs, gr))
+    assert math.isclose(float(match_distance(gs, gr, "l1")), l1, rel_tol=1e-5)
+    fs, fr = torch.cat([t.flatten() for t in gs]), torch.cat([t.flatten() for t in gr])
+    assert math.isclose(float(match_distance(gs, gr, "cos")), 1 - float(fs @ fr) / float(fs.norm() * fr.norm()),
+                        rel_tol=1e-5)
+
+
+def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
+    from benchmark.networks import get_network
+    net = get_network("ConvNetW32", 1, 10, 8, seed=0)
+    params = list(net.parameters())
+    x, y = digits.x_train[:20], digits.y_train[:20]
+    w = torch.full((20,), 1 / 20)
+    g_w = weighted_grad(net, params, x, y, w)
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), params)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_w, g))
+    # DM: sum_i w_i embed(x_i) with uniform w is the mean embedding
+    dm = create_method("dm", None, ["net_width=8", "batch_real=16", "dsa=false"])
+    from benchmark.method import Task
+    task = Task(digits, 1, 0)
+    leaf = digits.x_train[torch.cat([digits.class_indices[c][:1] for c in range(10)])]
+    step = dm.build_step(task, dm.fresh_net(task, 0), leaf, torch.Generator().manual_seed(0), 0)
+    w0 = uniform_weights(step)
+    with torch.no_grad():
+        emb = dm.fresh_net(task, 0).embed(step.batches[3].x)  # the same seeded network, per-class pass
+    assert torch.allclose(step.real_statistic(3, w0[3])[0], emb.mean(0), atol=1e-5)
+
+
+def test_dc_loop_table_and_rule():
+    assert dc_loops(1) == (1, 1) and dc_loops(10) == (10, 50) and dc_loops(50) == (50, 10)
+    assert dc_loops(5) == (1, 1) and dc_loops(15) == (10, 50) and dc_loops(100) == (50, 10)
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "idc", "pdd", "pdd-dc", "iwd+dc", "iwd+idc"])
+def test_deterministic_and_resume_equals_uninterrupted(digits, task_of, tmp_path, method):
+    over = TINY + (["n_data=16", "factor=1"] if "idc" in method or method == "pdd" else []) + \
+        (["stages=2", "iterations=2", "condition_epochs=1"] if method.startswith("pdd") else [])
+    if method == "dm":
+        over = ["iterations=3", "net_width=8", "batch_real=8"]
+    ipc = 2
+    a = create_method(method, None, over).distill(task_of(digits, ipc, 1))
+    b = create_method(method, None, over).distill(task_of(digits, ipc, 1))
+    assert torch.equal(a.images, b.images)
+    # kill after the first checkpoint (simulated by an exception), then resume from it
+    ck = str(tmp_path / "run.ckpt")
+    m = create_method(method, None, over)
+    calls = {"n": 0}
+    orig = m.iteration
+
+    def crash_second(task, state, it, gen):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return orig(task, state, it, gen)
+    m.iteration = crash_second
+    with pytest.raises(KeyboardInterrupt):
+        m.distill(task_of(digits, ipc, 1, checkpoint_path=ck, checkpoint_every=1))
+    resumed = create_method(method, None, over).distill(task_of(digits, ipc, 1, checkpoint_path=ck,
+                                                                 checkpoint_every=1))
+    assert torch.equal(resumed.images, a.images)
+
+
+def test_pdd_stages_leave_earlier_stages_untouched(digits, task_of):
+    over = TINY + ["stages=2", "iterations=2", "condition_epochs=1"]
+    m = create_method("pdd-dc", None, over)
+    task = task_of(digits, 2, 0)
+    snapshots = []
+    orig = m.iteration
+
+    def spy(task_, state, it, gen):
+        out = orig(task_, state, it, gen)
+        snapshots.append(state["images"].clone())
+        return out
+    m.iteration = spy
+    syn = m.distill(task)
+    stage_of = syn.extras["stage_of"]
+    assert syn.extras["stages"] == [1, 1]
+    # iterations 2-3 belong to stage 1: stage-0 rows stay exactly as stage 0 left them
+    assert torch.equal(snapshots[1][stage_of == 0], snapshots[3][stage_of == 0])
+    assert not torch.equal(snapshots[1][stage_of == 1], snapshots[3][stage_of == 1])
+    stages = syn.stage_data(digits)
+    assert [len(y) for _, y in stages] == [10, 20]
+
+
+def test_a_short_distillation_lowers_the_matching_loss(digits, task_of):
+    """Fixed network and real batch: image steps of DC lower the gradient-matching loss."""
+    m = create_method("dc", "quick", ["init=real"])
+    task = task_of(digits, 1, 0)
+    state = m.init_state(task, torch.Generator().manual_seed(0))
+    net = m.fresh_net(task, 0)
+    params = m.matching_params(net)
+    leaf = state["images"].clone().requires_grad_(True)
+    opt = torch.optim.SGD([leaf], lr=0.05, momentum=0.5)
+    losses = []
+    for _ in range(25):
+        syn = {c: (leaf[c:c + 1], torch.tensor([c])) for c in range(10)}
+        step = m.build_step(task, net, params, syn, torch.Generator().manual_seed(1), 0)
+        loss = m.matching_loss(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_nan_stops_with_a_clear_message(digits, task_of, tmp_path):
+    m = create_method("dc", None, TINY + ["lr_img=1e30"])
+    with pytest.raises(BenchmarkError, match="non-finite .* at iteration"):
+        m.distill(task_of(digits, 1, 0))
+
+
+def test_ipc_larger_than_a_class(digits, task_of):
+    with pytest.raises(BenchmarkError, match="larger than the smallest class"):
+        create_method("dc", None, TINY).distill(task_of(digits, 500, 0))

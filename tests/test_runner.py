@@ -1,0 +1,140 @@
+"""The grid runner, records, resume after kill -9, failures, Ray, the leaderboard formats, TensorBoard, the CLI."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from benchmark.runner import read_records, run_suite
+from benchmark.suites import load_suite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DC = ["iterations=3", "net_width=8", "batch_real=8", "inner_loop=2"]
+
+
+def _suite(tmp_path, name="tiny", **kw):
+    spec = {"datasets": ["digits"], "methods": ["random", "dc", "iwd+dc"], "ipc": [1], "seeds": [0],
+            "preset": "reference", "protocol": "dc-quick", "num_eval": 2, "eval_networks": ["ConvNetW32"],
+            "overrides": {"dc": TINY_DC, "iwd+dc": TINY_DC}, "reduced": True, "description": "test suite"}
+    spec.update(kw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_suite(str(path))
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 600), **kw)
+
+
+def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
+    suite = _suite(tmp_path)
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+    assert done == 3 and not failures
+    recs = read_records(runs, "tiny")
+    assert {r["method"] for r in recs} == {"random", "dc", "iwd+dc"}
+    for r in recs:
+        assert len(r["accuracy"]["accuracies"]) == 2 and r["commit"] and r["torch"] and r["seed"] == 0
+    assert not glob.glob(os.path.join(runs, "tiny", "records", "*.tmp*"))
+    # rerun: nothing left to do
+    assert run_suite(suite, runs, progress=False, echo=lambda *_: None) == (0, [])
+    # leaderboard in three formats
+    from benchmark.leaderboard import write_leaderboard
+    md = write_leaderboard(recs, str(tmp_path / "results"), suite, "python run.py run --suite tiny", suite.methods)
+    text = open(md).read()
+    assert "| iwd+dc |" in text and "**" in text and "REDUCED" in text and "Welch" in text
+    csv_text = open(tmp_path / "results" / "leaderboard.csv").read()
+    assert csv_text.startswith("method,dataset,ipc,mean,std")
+    assert "\\begin{tabular}" in open(tmp_path / "results" / "leaderboard.tex").read()
+    # TensorBoard's own reader finds the expected tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logdir = glob.glob(os.path.join(runs, "tiny", "tensorboard", "*iwd-plus-dc*"))[0]
+    acc = EventAccumulator(logdir, size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"distill/loss", "eval/accuracy_mean", "iwd/relative_ess", "time/influence_s"} <= set(tags["scalars"])
+    assert "iwd/scores" in tags["histograms"] and "synthetic/final" in tags["images"]
+
+
+def test_a_failing_cell_does_not_stop_the_others(tmp_path):
+    suite = _suite(tmp_path, name="faulty", methods=["dc", "random"],
+                   overrides={"dc": TINY_DC + ["lr_img=1e30"]})
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+    assert done == 1 and len(failures) == 1 and "non-finite" in failures[0][1]
+    failed = glob.glob(os.path.join(runs, "faulty", "records", "*.failed.json"))
+    assert len(failed) == 1 and "iteration" in json.load(open(failed[0]))["error"]
+
+
+def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
+    over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
+    suite_path = tmp_path / "killme.yaml"
+    suite_path.write_text(yaml.safe_dump({"datasets": ["digits"], "methods": ["dc"], "ipc": [1], "seeds": [0],
+                                          "protocol": "dc-quick", "num_eval": 1, "eval_networks": ["ConvNetW32"],
+                                          "overrides": {"dc": over}}))
+    runs = str(tmp_path / "runs")
+    args = [sys.executable, os.path.join(ROOT, "run.py"), "run", "--suite", str(suite_path), "--run-root", runs,
+            "--results-root", str(tmp_path / "res"), "--no-tensorboard"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = os.path.join(runs, "killme", "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(os.path.join(ckpt_dir, "*.pt")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(os.path.join(ckpt_dir, "*.pt")), "no checkpoint was written before the kill"
+    assert not read_records(runs, "killme")
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert len(read_records(runs, "killme")) == 1
+    from benchmark.datasets import get_dataset
+    from benchmark.method import Task
+    from benchmark.registry import create_method
+    from benchmark.synthetic import SyntheticSet
+    resumed = SyntheticSet.load(glob.glob(os.path.join(runs, "killme", "sets", "*.pt"))[0])
+    fresh = create_method("dc", None, over).distill(Task(get_dataset("digits"), 1, 0))
+    assert torch.equal(resumed.images, fresh.images)
+
+
+def test_ray_executor_on_a_local_cluster(tmp_path):
+    pytest.importorskip("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path))
+    suite = _suite(tmp_path, name="rayed", methods=["random", "herding"], ipc=[1, 2], seeds=[0],
+                   overrides={"herding": ["feature_epochs=1", "network=ConvNetW32"]})
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, executor="ray", workers=2, progress=False, echo=lambda *_: None)
+    assert done == 4 and not failures
+    assert len(read_records(runs, "rayed")) == 4
+
+
+def test_process_pool_executor_writes_every_record(tmp_path):
+    suite = _suite(tmp_path, name="pooled", methods=["random"], ipc=[1, 2, 3], num_eval=1)
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, executor="process", workers=2, progress=False, echo=lambda *_: None)
+    assert done == 3 and not failures and len(read_records(runs, "pooled")) == 3
+
+
+def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
+    out = _cli("list")
+    assert out.returncode == 0 and "iwd+dc" in out.stdout and "fashion-mnist" in out.stdout
+    bad = _cli("distill", "--method", "iwd+dcc", "--out", str(tmp_path / "x.pt"))
+    assert bad.returncode == 2 and "Did you mean 'iwd+dc'" in bad.stderr and "Traceback" not in bad.stderr
+    big = _cli("distill", "--method", "random", "--ipc", "1000", "--out", str(tmp_path / "x.pt"))
+    assert big.returncode == 2 and "larger than the smallest class" in big.stderr
+    miss = _cli("evaluate", str(tmp_path / "nothing.pt"))
+    assert miss.returncode == 2 and "file not found" in miss.stderr
+    ok = _cli("distill", "--method", "random", "--ipc", "2", "--out", str(tmp_path / "r.pt"))
+    assert ok.returncode == 0, ok.stderr
+    ev = _cli("evaluate", str(tmp_path / "r.pt"), "--protocol", "dc-quick", "--network", "ConvNetW32",
+              "--num-eval", "1")
+    assert ev.returncode == 0 and "dc-quick" in ev.stdout and "%" in ev.stdout
+    plug = _cli("--plugin", "no_such_module_xyz", "list")
+    assert plug.returncode == 2 and "failed to import" in plug.stderr
