@@ -211,6 +211,8 @@ def _run_ray(suite, cells, run_root, data_root, device, log, address, workers, r
     started = False
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": workers or os.cpu_count(), "include_dashboard": False}
+        if not address and os.environ.get("RAY_TMPDIR"):
+            kw["_temp_dir"] = os.environ["RAY_TMPDIR"]
         ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
         started = True
     gpus = 1 if device.startswith("cuda") else 0

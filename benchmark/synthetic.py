@@ -156,6 +156,6 @@ def provenance():
     except Exception:  # noqa: BLE001
         commit = "unknown"
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
-    return {"commit": commit, "torch": torch.__version__, "kornia": kornia.__version__,
+    return {"commit": commit, "torch": str(torch.__version__), "kornia": str(kornia.__version__),
             "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",
             "threads": torch.get_num_threads()}
