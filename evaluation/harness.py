@@ -17,7 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.method import Method, Task, apply_overrides
+from benchmark.method import Method, apply_overrides
 from benchmark.registry import create_method, register_method
-from benchmark.synthetic import SyntheticSet
+from methods.baselines import selection_set
 
 
 def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False):
@@ -93,9 +93,7 @@ class InfluenceSelect(_UsesBase):
         scores = self.whole_set_scores(task)
         idx = torch.cat([ds.class_indices[c][scores[ds.class_indices[c]].argsort(descending=True)[:task.ipc]]
                          for c in range(ds.num_classes)])
-        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
-                            {"selected_index": idx, "influence": {"scores": scores}},
-                            self.metadata(task, evaluation_hint="select"))
+        return selection_set(self, task, idx, influence={"scores": scores})
 
 
 @dataclass

@@ -11,6 +11,13 @@ from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
 
 
+def selection_set(method, task, idx, **extras):
+    """A synthetic set made of the real training images `idx` (selection methods)."""
+    ds = task.dataset
+    return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
+                        {"selected_index": idx, **extras}, method.metadata(task, evaluation_hint="select"))
+
+
 @dataclass
 class RandomConfig:
     pass
@@ -25,9 +32,7 @@ class RandomSelect(Method):
         ds = task.dataset
         ds.check_ipc(task.ipc)
         gen = torch.Generator().manual_seed(task.seed)
-        idx = torch.cat([ds.sample_class(c, task.ipc, gen) for c in range(ds.num_classes)])
-        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
-                            {"selected_index": idx}, self.metadata(task, evaluation_hint="select"))
+        return selection_set(self, task, torch.cat([ds.sample_class(c, task.ipc, gen) for c in range(ds.num_classes)]))
 
 
 @dataclass
@@ -102,9 +107,7 @@ class Herding(Method):
                 ix = ds.class_indices[c]
                 feats = torch.cat([net.embed(ds.x_train[ix[s:s + 1024]]) for s in range(0, len(ix), 1024)])
                 picked.append(ix[herding_select(feats.double(), task.ipc)])
-        idx = torch.cat(picked)
-        return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
-                            {"selected_index": idx}, self.metadata(task, evaluation_hint="select"))
+        return selection_set(self, task, torch.cat(picked))
 
 
 @dataclass

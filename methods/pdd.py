@@ -85,10 +85,15 @@ class Progressive:
 
 
 @dataclass
-class PDDConfig(IDCConfig):
+class ProgressiveOptions:
     stages: int = 5
     condition_epochs: int = 50
     condition_lr: float = 0.01
+
+
+@dataclass
+class PDDConfig(IDCConfig, ProgressiveOptions):
+    pass
 
 
 @register_method("pdd")
@@ -104,10 +109,8 @@ class PDD(Progressive, IDC):
 
 
 @dataclass
-class PDDDCConfig(DCConfig):
-    stages: int = 5
-    condition_epochs: int = 50
-    condition_lr: float = 0.01
+class PDDDCConfig(DCConfig, ProgressiveOptions):
+    pass
 
 
 @register_method("pdd-dc")
