@@ -117,7 +117,8 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         f"- suite: `{suite.name}` ({'REDUCED CPU settings' if suite.reduced else 'reference settings'}); "
         f"preset `{suite.preset}`; evaluation protocol(s) {', '.join(protos)} on {', '.join(eval_nets)}",
         f"- seeds: {seeds}; methods: {len(rows)} rows; cells: {len(records)}",
-        f"- commit {prov.get('commit', '?')}; torch {prov.get('torch', '?')}; hardware {prov.get('hardware', '?')}, "
+        f"- commit(s) {', '.join(sorted({str(r.get('commit', '?')) for r in records}))}; torch {prov.get('torch', '?')}; "
+        f"hardware {prov.get('hardware', '?')}, "
         f"{prov.get('threads', '?')} threads",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}"
         + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
