@@ -259,7 +259,8 @@ def _write_table(s, run_root, results_root, command=None):
 def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root):
     """Write results/<suite>/leaderboard.{md,csv,tex} from the finished cells."""
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
-    path = _write_table(s, run_root, results_root)
+    # the footer names the command that produced the numbers, not this one
+    path = _write_table(s, run_root, results_root, COMMAND.replace("run.py table", "run.py run", 1))
     if not path:
         raise BenchmarkError(f"no finished cells for suite {s.name!r} under {run_root}; run: python run.py run "
                              f"--suite {s.name}")
