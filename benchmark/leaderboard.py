@@ -101,6 +101,14 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
     for n, r in reported.items():
         md.append("| " + " | ".join([f"{n} (reported)"] + [
             (f"{r[c][0]:.1f} ± {r[c][1]:.1f}" if c in r else "—") for c in cols]) + " |")
+    extra_nets = sorted({n for r in records for n in r.get("evaluations", {})} -
+                        {r["accuracy"]["network"] for r in records})
+    for net in extra_nets:  # cross-architecture: the same sets evaluated on another network
+        ecols, erows = build_table(records, methods_order, network=net)
+        md += ["", f"Cross-architecture: the same synthetic sets evaluated on {net}:", "",
+               "| " + " | ".join(["Method"] + [f"{d} IPC {i}" for d, i in ecols]) + " |", "|" + "---|" * (len(ecols) + 1)]
+        for n, r in erows.items():
+            md.append("| " + " | ".join([n] + [_fmt(r.get(c), "md") for c in ecols]) + " |")
     prov = records[0] if records else {}
     seeds = sorted({r["seed"] for r in records})
     nets = sorted({r["accuracy"]["num_eval"] for r in records}) if records else []
