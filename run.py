@@ -132,7 +132,8 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
         os.remove(ckpt)
     task = _task(dataset, ipc, seed, device, data_root, download, log_dir, f"{dataset}-{method}-ipc{ipc}-s{seed}",
                  ckpt if checkpoint_every else (ckpt if os.path.exists(ckpt) else None), checkpoint_every)
-    task.dataset.check_ipc(ipc) if method != "full" else None
+    if method != "full":
+        task.dataset.check_ipc(ipc)
     syn = m.distill(task)
     syn.save(out)
     click.echo(f"saved {len(syn.labels)} synthetic images ({method}, {dataset}, IPC {ipc}, seed {seed}) to {out}")

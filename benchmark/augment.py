@@ -114,12 +114,11 @@ class DSA:
         return self.apply(real, expand(real.shape[0])), self.apply(syn, expand(syn.shape[0]))
 
 
-def cutmix(x, y, generator=None, beta=1.0):
-    """CutMix (Yun et al. 2019) as IDC's evaluation uses it: returns mixed x, the two label sets and lambda
-    (corrected to the pasted box's true area)."""
+def cutmix(x, y, generator=None):
+    """CutMix (Yun et al. 2019) with lambda ~ Beta(1, 1) = U(0, 1), as IDC's evaluation uses it: returns mixed x,
+    the two label sets and lambda (corrected to the pasted box's true area)."""
     n, _, h, w = x.shape
-    lam = float(torch.distributions.Beta(beta, beta).sample() if generator is None else
-                _beta_sample(beta, generator))
+    lam = float(torch.rand(1, generator=generator))
     perm = torch.randperm(n, generator=generator)
     cut = (1.0 - lam) ** 0.5
     ch, cw = int(h * cut), int(w * cut)
@@ -131,15 +130,6 @@ def cutmix(x, y, generator=None, beta=1.0):
     x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     return x, y, y[perm], lam
-
-
-def _beta_sample(beta, generator):
-    # Beta(a, a) from two Gamma draws would need a generator-aware Gamma; Beta(1, 1) is uniform, the IDC default.
-    if beta == 1.0:
-        return torch.rand(1, generator=generator).item()
-    g1 = torch._standard_gamma(torch.full((1,), float(beta)))
-    g2 = torch._standard_gamma(torch.full((1,), float(beta)))
-    return (g1 / (g1 + g2)).item()
 
 
 def cutmix_loss(logits, y_a, y_b, lam):

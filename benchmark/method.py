@@ -28,7 +28,7 @@ class Task:
     device: str = "cpu"
     writer: Any = None               # a torch.utils.tensorboard SummaryWriter, or None
     checkpoint_path: Optional[str] = None
-    checkpoint_every: int = 0        # iterations between checkpoints (0: only at the end of a killed run... never)
+    checkpoint_every: int = 0        # iterations between checkpoints (0: none)
     progress: bool = False
     log_images_every: int = 0
 
