@@ -173,7 +173,10 @@ def evaluate(synset, dataset, data_root, download, device, protocol, network, nu
 @click.option("--num-nets", type=int, default=2, show_default=True, help="Fresh networks to average over.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, help="CSV of index,label,score (a .pt with the tensor is written beside).")
-def influence(method, dataset, data_root, download, device, synset, preset, overrides, num_nets, seed, out):
+@click.option("--figure", default=None, help="Also draw the paper's Figure 1 (histogram + tail images) to this PNG.")
+@click.option("--figure-class", type=int, default=0, show_default=True, help="The class drawn in --figure.")
+def influence(method, dataset, data_root, download, device, synset, preset, overrides, num_nets, seed, out, figure,
+              figure_class):
     """Score every training instance's explicit influence against a synthetic set (the data of the paper's Fig. 1).
     A positive score: upweighting the instance raises the distillation objective."""
     import torch
@@ -194,6 +197,11 @@ def influence(method, dataset, data_root, download, device, synset, preset, over
     torch.save({"scores": scores, "labels": task.dataset.y_train, "method": method, "synset": synset},
                os.path.splitext(out)[0] + ".pt")
     click.echo(f"scored {len(scores)} instances -> {out}")
+    if figure:
+        from benchmark.figures import influence_figure
+        influence_figure(scores, task.dataset, figure_class, figure,
+                         title=f"{task.dataset.name} class {figure_class}: influence under {method} vs {synset}")
+        click.echo(f"figure -> {figure}")
 
 
 suite_options = [

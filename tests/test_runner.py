@@ -140,3 +140,11 @@ def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
     assert ev.returncode == 0 and "dc-quick" in ev.stdout and "%" in ev.stdout
     plug = _cli("--plugin", "no_such_module_xyz", "list")
     assert plug.returncode == 2 and "failed to import" in plug.stderr
+
+
+def test_influence_figure_is_a_png(tmp_path, digits):
+    from benchmark.figures import influence_figure
+    scores = torch.linspace(-1, 1, len(digits.y_train))
+    out = influence_figure(scores, digits, 3, str(tmp_path / "fig.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
