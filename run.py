@@ -13,24 +13,9 @@ import os
 import shlex
 import sys
 
+from benchmark import allocator  # noqa: E402  (before torch: the allocator tunables must come first)
 
-def _tune_allocator():
-    """glibc's allocator costs ~2x on large activation buffers here (ENVIRONMENT.md); these tunables must be set
-    before torch allocates. Skipped when tcmalloc is preloaded or IWD_NO_MALLOC_TUNING is set."""
-    if os.environ.get("IWD_NO_MALLOC_TUNING") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
-        libc.mallopt(M_TOP_PAD, 1024 * 1024 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-_tune_allocator()
+allocator.tune()
 
 import click  # noqa: E402
 
@@ -287,6 +272,26 @@ def tensorboard(suite, run_root, start):
     if start:
         os.execvp(cmd[0], cmd)
     click.echo(" ".join(cmd))
+
+
+@cli.command()
+@click.option("--quick/--full", default=True, show_default=True,
+              help="quick: CPU presets and width-32 networks (a few minutes); full: adds the reference settings.")
+@click.option("-d", "--dataset", default="fashion-mnist", show_default=True,
+              help="Data the workloads use (Fashion-MNIST-shaped random data when its files are missing).")
+@click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
+@click.option("--sections", default="", help="Comma list of sections (default: all).")
+@click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")
+def bench(quick, dataset, data_root, device, repeats, sections, out):
+    """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,
+    evaluation, allocator, DC vs a plain loop) and write OUT/bench.md + bench.json."""
+    from benchmark.perf import BenchSettings, run_bench, write_report
+    s = BenchSettings(quick=quick, dataset=dataset, repeats=repeats, device=device, data_root=data_root,
+                      sections=tuple(x for x in sections.split(",") if x))
+    res = run_bench(s, progress=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {write_report(res, out, COMMAND)}")
 
 
 if __name__ == "__main__":

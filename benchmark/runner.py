@@ -83,14 +83,17 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     from .registry import create_method
     from .synthetic import provenance
 
+    from . import allocator
+    allocator.tune()  # workers (Ray, spawned pools) do not go through run.py
     if threads:
         torch.set_num_threads(threads)
     paths = RunPaths(run_root, suite.name)
     ds = get_dataset(cell.dataset, data_root or suite.data_root or None)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if log else None, cell.key)
+    every = max(1, getattr(method.config, "iterations", 10) // 10)
     task = Task(ds, cell.ipc, cell.seed, device, writer, os.path.join(paths.checkpoints, cell.key + ".pt"),
-                checkpoint_every=max(1, getattr(method.config, "iterations", 10) // 10), log_images_every=0)
+                checkpoint_every=every, log_images_every=every if writer is not None else 0)
     t0 = time.perf_counter()
     synset = method.distill(task)
     t_distill = time.perf_counter() - t0

@@ -145,6 +145,8 @@ def safe_load(path):
 def provenance():
     """Commit, library versions and hardware, recorded with every result."""
     import kornia
+
+    from . import allocator
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
@@ -158,4 +160,4 @@ def provenance():
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     return {"commit": commit, "torch": str(torch.__version__), "kornia": str(kornia.__version__),
             "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "allocator": allocator.mode()}

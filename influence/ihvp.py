@@ -33,6 +33,7 @@ class SolveInfo:
     residual: float = 0.0
     converged: bool = True
     note: str = ""
+    damping: float = 0.0      # the damping the returned solution is for (CG may have raised it)
 
 
 class HVP:
@@ -84,7 +85,7 @@ def lissa_solve(hvp, v, scale=10.0, depth=1000, tol=1e-4, check_every=10):
     0 < eig((H + damping I) / scale) < 2. Stops on the residual; raises InfluenceError on NaN/divergence."""
     h = [t.clone() for t in v]
     vnorm = float(_dot(v, v).sqrt()) or 1.0
-    info = SolveInfo("lissa")
+    info = SolveInfo("lissa", damping=hvp.damping)
     for i in range(depth):
         hh = hvp(h)
         h = [vi + hi - hhi / scale for vi, hi, hhi in zip(v, h, hh)]
@@ -132,26 +133,52 @@ class SolverConfig:
     lissa_scale: float = 10.0
     lissa_depth: int = 200
     lissa_fallback: bool = True   # on LiSSA divergence, fall back to CG and say so
+    damping_growth: float = 10.0  # CG on non-positive curvature: damping x this, restart (Levenberg-Marquardt style)
+    max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
+    hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
     notes: list = field(default_factory=list)
+
+
+def cg_adaptive(hvp, v, cfg: SolverConfig):
+    """CG with damping raised on non-positive curvature. A network mid-training (near initialisation above all) has
+    an indefinite H, and CG on an indefinite system breaks down at once (it would return 0: a silently empty
+    implicit term). So the damping is multiplied by cfg.damping_growth and CG restarts, up to cfg.max_damping; the
+    damping actually used is in info.damping and info.note. Past max_damping: v / max_damping (identity solver),
+    flagged not converged."""
+    requested = hvp.damping
+    while True:
+        h, info = cg_solve(hvp, v, cfg.max_iter, cfg.tol)
+        info.damping = hvp.damping
+        if not info.note.startswith("non-positive curvature"):
+            if hvp.damping != requested:
+                info.note = f"damping raised from {requested:g} to {hvp.damping:g} (H indefinite)"
+            return h, info
+        if hvp.damping * cfg.damping_growth > cfg.max_damping:
+            info = SolveInfo("identity", converged=False, damping=hvp.damping,
+                             note=f"CG met non-positive curvature up to damping {hvp.damping:g}; identity solver used")
+            return [t / hvp.damping for t in v], info
+        hvp.damping *= cfg.damping_growth
 
 
 def inverse_hvp(loss_fn, params, v, cfg: SolverConfig):
     """h = (H + damping I)^{-1} v with the configured solver. Returns (h, SolveInfo)."""
     v = [t.detach() for t in v]
     if cfg.solver == "identity":
-        return [t / (1.0 + cfg.damping) for t in v], SolveInfo("identity")
+        return [t / (1.0 + cfg.damping) for t in v], SolveInfo("identity", damping=cfg.damping)
     if cfg.solver == "exact":
-        return exact_solve(loss_fn, params, v, cfg.damping)
+        h, info = exact_solve(loss_fn, params, v, cfg.damping)
+        info.damping = cfg.damping
+        return h, info
     hvp = HVP(loss_fn(), params, cfg.damping)
     if cfg.solver == "cg":
-        return cg_solve(hvp, v, cfg.max_iter, cfg.tol)
+        return cg_adaptive(hvp, v, cfg)
     if cfg.solver == "lissa":
         try:
             return lissa_solve(hvp, v, cfg.lissa_scale, cfg.lissa_depth, cfg.tol)
         except InfluenceError as e:
             if not cfg.lissa_fallback:
                 raise
-            h, info = cg_solve(hvp, v, cfg.max_iter, cfg.tol)
-            info.note = f"LiSSA diverged, fell back to CG: {e}"
+            h, info = cg_adaptive(hvp, v, cfg)
+            info.note = f"LiSSA diverged, fell back to CG: {e}" + (f"; {info.note}" if info.note else "")
             return h, info
     raise InfluenceError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity)")

@@ -44,7 +44,11 @@ def implicit_scores(step, weights, solver: SolverConfig):
     x = torch.cat([b.x for b in step.batches])
     y = torch.cat([b.y for b in step.batches])
     g_m = objective_gradient(step, weights)
-    h, info = inverse_hvp(lambda: step.instance_loss(x, y).mean(), step.train_params, g_m, solver)
+    xh, yh = x, y
+    if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
+        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device)
+        xh, yh = x[rows], y[rows]
+    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver)
     w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
     grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
     dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))
@@ -62,5 +66,6 @@ def step_scores(step, weights, solver: SolverConfig = None, implicit=None):
         imp, solve = implicit_scores(step, weights, solver or SolverConfig())
         scores = [e + i for e, i in zip(scores, imp)]
         info.update(implicit=True, solver=solve.solver, solver_iterations=solve.iterations,
-                    solver_residual=solve.residual, solver_converged=solve.converged, solver_note=solve.note)
+                    solver_residual=solve.residual, solver_converged=solve.converged, solver_note=solve.note,
+                    solver_damping=solve.damping)
     return scores, info

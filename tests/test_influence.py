@@ -91,6 +91,21 @@ def test_lissa_divergence_detected_and_falls_back():
     assert "fell back to CG" in info.note and all(torch.isfinite(t).all() for t in h)
 
 
+def test_cg_raises_damping_on_indefinite_hessian():
+    """H = diag(-0.5, 2): CG at damping 0.01 meets negative curvature; it must raise the damping (0.01 -> 0.1 -> 1),
+    solve (H + 1 I) h = v exactly, and say so, never return the zero vector."""
+    H = torch.diag(torch.tensor([-0.5, 2.0], dtype=torch.float64))
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    loss = lambda: 0.5 * theta @ H @ theta  # noqa: E731
+    v = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    h, info = inverse_hvp(loss, [theta], [v], SolverConfig("cg", damping=0.01, max_iter=10, tol=1e-12))
+    assert info.damping == pytest.approx(1.0) and "raised" in info.note and info.converged
+    assert torch.allclose(h[0], torch.linalg.solve(H + torch.eye(2, dtype=torch.float64), v), rtol=1e-10)
+    # no damping up to the cap makes it positive definite: the identity answer at the cap, flagged
+    h, info = inverse_hvp(loss, [theta], [v], SolverConfig("cg", damping=0.01, max_damping=0.2))
+    assert not info.converged and info.solver == "identity" and torch.allclose(h[0], v / 0.1)
+
+
 def test_implicit_scores_match_dense_hessian(digits64, task_of):
     """-<(H + damping I)^{-1} g_M, grad l_j> against a dense Hessian and a per-sample backward loop."""
     m, step = _dc_step(digits64, task_of, "idc", ["network=ConvNetD1"])

@@ -148,3 +148,28 @@ def test_influence_figure_is_a_png(tmp_path, digits):
     out = influence_figure(scores, digits, 3, str(tmp_path / "fig.png"))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_quick_smoke_writes_report(tmp_path):
+    """`run.py bench --quick` end to end on digits (a smoke check: no timing is asserted). The per-sample-loop
+    baseline must agree with the O(1) influence path; the allocator probes run in subprocesses."""
+    out = _cli("bench", "--quick", "-d", "digits", "--repeats", "1", "--out", str(tmp_path),
+               "--sections", "peak,explicit,ihvp,evaluation,allocator,memory")
+    assert out.returncode == 0, out.stderr
+    res = json.load(open(tmp_path / "bench.json"))
+    sec = res["sections"]
+    assert sec["explicit"][0]["max_rel_diff"] < 1e-4 and sec["explicit"][0]["speedup"] > 0
+    assert {r["allocator"] for r in sec["allocator"]} >= {"glibc default", "glibc tuned (mallopt)"}
+    assert all("error" not in r for r in sec["allocator"])
+    assert "default" in sec["allocator"][0]["mode"] and "tuned" in sec["allocator"][1]["mode"]
+    assert sec["memory"][0]["growth_after_2_mb"] < 50
+    md = open(tmp_path / "bench.md").read()
+    assert "Explicit influence scores" in md and res["machine"]["commit"] in md
+    bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "unknown bench section" in bad.stderr
+
+
+def test_iteration_timing_covers_iwd_and_plain_dc(digits):
+    from benchmark.perf import iteration_times
+    r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
+    assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]

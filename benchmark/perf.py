@@ -1,0 +1,500 @@
+"""`run.py bench`: fixed speed and memory workloads, measured side by side in one process, written to results/bench.md.
+
+Every section reports medians over repeats (after one warm-up) on the same machine in the same run, so ratios are
+meaningful even where absolute times drift. Baselines that exist only to be beaten (a per-sample loop for the
+influence scores, a plain per-class DC iteration) live here, never in the library.
+
+Sections: machine and peak (matmul probe vs ConvNet-3 forward+backward), distillation iterations (each method and
+its IWD variant, with the IWD ratio and the share spent on influence), explicit influence scores (O(1) passes vs a
+per-sample loop, with their max difference), inverse-HVPs (CG, LiSSA), evaluation (one network's training on an
+IPC-10 set, test throughput), the allocator (glibc default / tuned / tcmalloc, in subprocesses), DC at the
+reference settings against a plain per-class implementation, and the memory of a DC IPC-10 run over iterations.
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import allocator
+from .errors import BenchmarkError
+
+
+@dataclass
+class BenchSettings:
+    quick: bool = True
+    dataset: str = "fashion-mnist"   # Fashion-MNIST-shaped random data when the real files are not installed
+    repeats: int = 0                 # 0: 2 (quick) or 3 (full)
+    device: str = "cpu"
+    sections: tuple = ()             # () = all
+    data_root: str = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def n(self):
+        return self.repeats or (2 if self.quick else 3)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device="cpu", warmup=1):
+    """Median wall seconds of fn() over `repeats` calls after `warmup` calls; also returns the last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    _sync(device)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
+
+
+def rss_mb():
+    """Current resident set size of this process (Linux), MB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        return float("nan")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_data(settings):
+    """The named dataset; for fashion-mnist without its files, random data of its shape (stated in the report)."""
+    from .datasets import Dataset, get_dataset
+    try:
+        return get_dataset(settings.dataset, settings.data_root)
+    except BenchmarkError:
+        if settings.dataset != "fashion-mnist":
+            raise
+    settings.notes.append("Fashion-MNIST files not installed: random data of its shape (60000 x 1 x 28 x 28) "
+                          "was used; speed does not depend on pixel values.")
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(6000)
+    return Dataset("fashion-mnist-shaped", torch.randn(60000, 1, 28, 28, generator=g), y,
+                   torch.randn(10000, 1, 28, 28, generator=g), torch.arange(10).repeat(1000), (0.0,), (1.0,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine peak vs the ConvNet-3 step
+
+def matmul_peak_gflops(device, repeats):
+    n = 2048 if str(device) == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    t, _ = timed(lambda: a @ b, repeats, device)
+    return 2 * n ** 3 / t / 1e9
+
+
+def convnet_step_flops(ds, device, batch=256, width=128):
+    """FLOPs (counted by torch's FlopCounterMode) and median seconds of one forward+backward+SGD step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .networks import get_network
+    net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0, width=width).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = ds.x_train[:batch].to(device), ds.y_train[:batch].to(device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops(), step
+
+
+def section_peak(s, ds):
+    peak = matmul_peak_gflops(s.device, s.n + 2)
+    flops, step = convnet_step_flops(ds, s.device)
+    t, _ = timed(step, s.n + 1, s.device)
+    return {"matmul_gflops": peak, "convnet3_step_s": t, "convnet3_step_gflop": flops / 1e9,
+            "convnet3_gflops": flops / t / 1e9, "fraction_of_peak": flops / t / 1e9 / peak}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distillation iterations
+
+BASES = ("dc", "dsa", "dm", "idc", "pdd")
+# IDC/PDD iterations at the reference are 100 matching steps with network training between (minutes on a CPU);
+# the bench caps the steps per iteration and reports seconds per matching step for them.
+STEP_CAP = {"idc": 4, "pdd": 4}
+
+
+def iteration_times(name, preset, ds, ipc, device, repeats, overrides=None):
+    """Median seconds per iteration of a method, its influence share (IWD), and matching steps per iteration."""
+    from .method import Task
+    from .registry import create_method
+    method = create_method(name, preset, dict(overrides or {}))
+    task = Task(ds, ipc, 0, device)
+    gen = torch.Generator().manual_seed(0)
+    state = method.init_state(task, gen)
+    times, infl = [], []
+    for it in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = method.iteration(task, state, it, gen) or {}
+        _sync(device)
+        if it:  # the first is warm-up
+            times.append(time.perf_counter() - t0)
+            infl.append(out.get("time/influence_s", 0.0))
+    steps = method.match_steps(task) if hasattr(method, "match_steps") else 1
+    return {"s_per_iteration": statistics.median(times), "influence_s": statistics.median(infl),
+            "matching_steps": steps}
+
+
+def section_iterations(s, ds):
+    settings = [("cpu preset, IPC 10", "cpu", 10)]
+    if not s.quick:
+        settings.insert(0, ("reference, IPC 1", None, 1))
+    rows = []
+    for label, preset, ipc in settings:
+        for base in BASES:
+            over = {"inner_loop": STEP_CAP[base]} if base in STEP_CAP else {}
+            if base == "pdd":
+                over["iterations"] = 1000  # stage 0 throughout the measurement (no conditioning phase)
+            r0 = iteration_times(base, preset, ds, ipc, s.device, s.n, over)
+            r1 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, over)
+            rows.append({"setting": label, "method": base, **r0,
+                         "iwd_s_per_iteration": r1["s_per_iteration"],
+                         "iwd_ratio": r1["s_per_iteration"] / r0["s_per_iteration"],
+                         "influence_share": r1["influence_s"] / r1["s_per_iteration"],
+                         "note": f"inner_loop={over['inner_loop']} (cap)" if "inner_loop" in over else ""})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explicit influence scores: O(1) passes vs a per-sample loop (the baseline lives only here)
+
+def per_sample_loop_scores(step, g, weights):
+    """Baseline: d Dist / d w_j = <d Dist / d Phi_real, grad l_j> with one backward pass per instance."""
+    real = [r.detach().requires_grad_(True) for r in step.real_statistic(g, weights, False)]
+    v = torch.autograd.grad(step.distance([t.detach() for t in step.syn_stats[g]], real), real, allow_unused=True)
+    v = [torch.zeros_like(r) if gi is None else gi for gi, r in zip(v, real)]
+    one = torch.ones(1, dtype=weights.dtype, device=weights.device)
+    out = []
+    for j in range(len(weights)):
+        grad_j = step.real_statistic(g, one, False, rows=torch.tensor([j]))
+        out.append(sum((a * b).sum() for a, b in zip(v, grad_j)))
+    return torch.stack(out).detach()
+
+
+def explicit_workload(ds, device, width, batch=256):
+    from influence.scores import explicit_scores
+
+    from .method import Task
+    from .registry import create_method
+    from .synthetic import SyntheticSet
+    method = create_method("dc", None, {"net_width": width})
+    task = Task(ds, 1, 0, device)
+    gen = torch.Generator().manual_seed(0)
+    idx = ds.sample_class(0, batch, gen)
+    syn = SyntheticSet(ds.x_train[idx[:1]].clone(), torch.tensor([0]), "normalized", {}, {})
+    step = method.scoring_step(task, syn, 0, {0: idx}, gen)
+    w = torch.full((len(idx),), 1.0 / len(idx), device=device)
+    return (lambda: explicit_scores(step, 0, w)), (lambda: per_sample_loop_scores(step, 0, w)), len(idx)
+
+
+def section_explicit(s, ds):
+    rows = []
+    for width in ((32,) if s.quick else (32, 128)):
+        fast, loop, n = explicit_workload(ds, s.device, width)
+        t_fast, a = timed(fast, s.n, s.device)
+        t_loop, b = timed(loop, max(1, s.n - 1), s.device)
+        rows.append({"network": f"ConvNet-3 width {width}", "batch": n, "o1_s": t_fast, "loop_s": t_loop,
+                     "speedup": t_loop / t_fast,
+                     "max_rel_diff": float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inverse-HVPs on the IDC inner-training loss
+
+def section_ihvp(s, ds):
+    from influence.ihvp import SolverConfig, inverse_hvp
+
+    from .networks import get_network
+    width = 32 if s.quick else 128
+    net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0, width=width).to(s.device)
+    params = [p for p in net.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randperm(len(ds.y_train), generator=gen)[:640]
+    x, y = ds.x_train[idx].to(s.device), ds.y_train[idx].to(s.device)
+    v = [t.detach() for t in torch.autograd.grad(F.cross_entropy(net(x[:256]), y[:256]), params)]
+    rows = []
+    for solver in ("cg", "lissa"):
+        cfg = SolverConfig(solver=solver, damping=0.01, max_iter=50, tol=1e-3, lissa_depth=500)
+        t, (h, info) = timed(lambda: inverse_hvp(lambda: F.cross_entropy(net(x), y), params, v, cfg),
+                             max(1, s.n - 1), s.device)
+        rows.append({"solver": solver, "network": f"ConvNet-3 width {width}", "batch": len(y), "s": t,
+                     "iterations": info.iterations, "residual": info.residual, "converged": info.converged,
+                     "note": info.note})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation training and test throughput
+
+def section_evaluation(s, ds):
+    from evaluation.harness import resolve_protocol, train_and_test
+
+    from .networks import get_network
+    from .training import accuracy
+    proto = resolve_protocol("dc-quick" if s.quick else "dc")
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.cat([ds.sample_class(c, 10, gen) for c in range(ds.num_classes)])
+    stages = [(ds.x_train[idx], ds.y_train[idx])]
+    t0 = time.perf_counter()
+    acc = train_and_test(ds, stages, proto, "ConvNet", seed=0, device=s.device)
+    t_train = time.perf_counter() - t0
+    net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0).to(s.device)
+    xt, yt = ds.x_test.to(s.device), ds.y_test.to(s.device)
+    t_test, _ = timed(lambda: accuracy(net, xt, yt), max(1, s.n - 1), s.device)
+    return {"protocol": proto.name, "epochs": proto.epochs, "train_s": t_train, "accuracy": acc,
+            "test_images_per_s": len(yt) / t_test}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the allocator, and DC against a plain per-class implementation of the reference (subprocesses)
+
+def plain_dc_iteration(net, ds, syn_x, syn_y, opt_img, batch_real=256, gen=None):
+    """The reference algorithm written plainly (DC's main loop at IPC 1: one outer step): per class, the mean-loss
+    gradient of 256 real images and the synthetic gradient with graph, the layer-wise distance; one image step."""
+    from methods.matching import match_distance
+    params = list(net.parameters())
+    loss = 0.0
+    for c in range(ds.num_classes):
+        idx = ds.sample_class(c, batch_real, gen)
+        g_real = torch.autograd.grad(F.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx]), params)
+        g_real = [t.detach() for t in g_real]
+        xs = syn_x[syn_y == c]
+        g_syn = torch.autograd.grad(F.cross_entropy(net(xs), syn_y[syn_y == c]), params, create_graph=True)
+        loss = loss + match_distance(g_syn, g_real, "ours")
+    opt_img.zero_grad()
+    loss.backward()
+    opt_img.step()
+
+
+def probe(kind, dataset, repeats):
+    """Runs in a subprocess with the allocator configuration under test; prints JSON."""
+    settings = BenchSettings(dataset=dataset)
+    ds = load_data(settings)
+    if kind == "convnet_step":
+        _, step = convnet_step_flops(ds, "cpu")
+        t, _ = timed(step, repeats)
+    elif kind == "plain_dc":
+        from .networks import get_network
+        gen = torch.Generator().manual_seed(0)
+        syn_y = torch.arange(ds.num_classes)
+        syn_x = torch.randn(ds.num_classes, ds.channels, *ds.image_size, generator=gen).requires_grad_(True)
+        opt = torch.optim.SGD([syn_x], lr=0.1, momentum=0.5)
+        it = [0]
+
+        def one():
+            net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=it[0])
+            it[0] += 1
+            plain_dc_iteration(net, ds, syn_x, syn_y, opt, gen=gen)
+        t, _ = timed(one, repeats)
+    else:
+        raise ValueError(kind)
+    print(json.dumps({"s": t, "allocator": allocator.mode(), "peak_rss_mb": peak_rss_mb()}))
+
+
+ALLOCATORS = {"glibc default": {"IWD_NO_MALLOC_TUNING": "1"}, "glibc tuned (mallopt)": {}}
+
+
+def run_probe(kind, env_extra, s):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IWD_NO_MALLOC_TUNING")}
+    env.update(env_extra)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    code = (f"from benchmark import allocator; allocator.tune(); from benchmark.perf import probe; "
+            f"probe({kind!r}, {s.dataset!r}, {s.n})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=3600)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _allocators():
+    configs = dict(ALLOCATORS)
+    tc = allocator.tcmalloc_path()
+    if tc:
+        configs["tcmalloc"] = {"LD_PRELOAD": tc}
+    return configs
+
+
+def section_allocator(s, ds):
+    rows = []
+    for name, env in _allocators().items():
+        r = run_probe("convnet_step", env, s)
+        rows.append({**r, "allocator": name, "mode": r.get("allocator", "")})
+    return rows
+
+
+def section_dc_vs_plain(s, ds):
+    """Ours (this process: tuned allocator) vs the plain per-class reference loop with default settings."""
+    ours = iteration_times("dc", None, ds, 1, s.device, s.n)
+    rows = [{"implementation": "ours (run.py: allocator " + allocator.mode() + ")", "s": ours["s_per_iteration"]}]
+    for name, env in ALLOCATORS.items():
+        r = run_probe("plain_dc", env, s)
+        rows.append({"implementation": f"plain per-class loop ({name})", "s": r.get("s", float("nan")),
+                     "error": r.get("error", "")})
+    base = rows[1]["s"]
+    for r in rows:
+        r["speedup_vs_plain_default"] = base / r["s"] if r["s"] == r["s"] else float("nan")
+    return rows
+
+
+def section_memory(s, ds):
+    """RSS after each iteration of DC at IPC 10 (cpu preset, and the reference network when not quick): a run
+    that keeps graphs alive grows; ours must stay flat after the first iterations."""
+    from .method import Task
+    from .registry import create_method
+    out = []
+    for preset in (("cpu",) if s.quick else ("cpu", None)):
+        method = create_method("dc", preset, {})
+        task = Task(ds, 10, 0, s.device)
+        gen = torch.Generator().manual_seed(0)
+        state = method.init_state(task, gen)
+        trace = []
+        for it in range(s.n + 3):
+            method.iteration(task, state, it, gen)
+            trace.append(rss_mb())
+        out.append({"preset": preset or "reference", "rss_mb": trace, "growth_after_2_mb": trace[-1] - trace[1],
+                    "peak_rss_mb": peak_rss_mb(),
+                    "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if s.device.startswith("cuda")
+                    else None})
+    return out
+
+
+SECTIONS = {"peak": section_peak, "iterations": section_iterations, "explicit": section_explicit,
+            "ihvp": section_ihvp, "evaluation": section_evaluation, "allocator": section_allocator,
+            "dc_vs_plain": section_dc_vs_plain, "memory": section_memory}
+
+
+def run_bench(s: BenchSettings, progress=print):
+    from .synthetic import provenance
+    unknown = [k for k in s.sections if k not in SECTIONS]
+    if unknown:
+        raise BenchmarkError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    ds = load_data(s)
+    res = {"settings": {"quick": s.quick, "dataset": ds.name, "repeats": s.n, "device": s.device},
+           "machine": {**provenance(), "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+           "sections": {}}
+    for name in (s.sections or SECTIONS):
+        progress(f"bench: {name} ...")
+        t0 = time.perf_counter()
+        res["sections"][name] = SECTIONS[name](s, ds)
+        progress(f"bench: {name} done in {time.perf_counter() - t0:.0f} s")
+    res["notes"] = s.notes
+    return res
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+def _f(v, d=3):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{d}g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.{d}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _table(rows, cols):
+    head = "| " + " | ".join(c for c, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_f(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def report_markdown(res, command):
+    m, st, sec = res["machine"], res["settings"], res["sections"]
+    lines = ["# Performance benchmark", "",
+             f"`{command}` — {'quick' if st['quick'] else 'full'} mode, {st['repeats']} timed repeats after one "
+             f"warm-up (medians), data: {st['dataset']}, device {st['device']}.", "",
+             f"Machine: {m['cpu']} ({m['hardware']}, {m['threads']} torch threads), torch {m['torch']}, "
+             f"allocator in this process: {m['allocator']}. Commit {m['commit']}, {m['date']}.", ""]
+    for n in res.get("notes", []):
+        lines += [f"Note: {n}", ""]
+    if "peak" in sec:
+        p = sec["peak"]
+        lines += ["## Peak", "", f"matmul probe {p['matmul_gflops']:.0f} GFLOP/s; ConvNet-3 (width 128) "
+                  f"forward+backward+SGD at batch 256: {p['convnet3_step_s'] * 1e3:.0f} ms for "
+                  f"{p['convnet3_step_gflop']:.1f} GFLOP = {p['convnet3_gflops']:.0f} GFLOP/s, "
+                  f"{100 * p['fraction_of_peak']:.0f}% of the matmul peak.", ""]
+    if "iterations" in sec:
+        lines += ["## Distillation iterations (seconds per iteration; IWD ratio = iwd+X / X)", "",
+                  _table(sec["iterations"], [("setting", "setting"), ("method", "method"),
+                                             ("matching steps", "matching_steps"), ("X s/it", "s_per_iteration"),
+                                             ("iwd+X s/it", "iwd_s_per_iteration"), ("IWD ratio", "iwd_ratio"),
+                                             ("influence share of iwd+X", "influence_share"), ("note", "note")]), ""]
+    if "explicit" in sec:
+        lines += ["## Explicit influence scores of one real batch (DC step)", "",
+                  _table(sec["explicit"], [("network", "network"), ("batch", "batch"), ("O(1) passes s", "o1_s"),
+                                           ("per-sample loop s", "loop_s"), ("speedup", "speedup"),
+                                           ("max rel. diff", "max_rel_diff")]), ""]
+    if "ihvp" in sec:
+        lines += ["## Inverse-HVP (damping 0.01, tol 1e-3, cross-entropy Hessian)", "",
+                  _table(sec["ihvp"], [("solver", "solver"), ("network", "network"), ("batch", "batch"),
+                                       ("s", "s"), ("iterations", "iterations"), ("rel. residual", "residual"),
+                                       ("converged", "converged"), ("note", "note")]), ""]
+    if "evaluation" in sec:
+        e = sec["evaluation"]
+        lines += ["## Evaluation", "", f"Training one ConvNet-3 on an IPC-10 set (random real images) with protocol "
+                  f"{e['protocol']} ({e['epochs']} epochs): {e['train_s']:.1f} s (accuracy {100 * e['accuracy']:.1f}"
+                  f"%). Test throughput: {e['test_images_per_s']:.0f} images/s.", ""]
+    if "allocator" in sec:
+        lines += ["## Allocator (ConvNet-3 forward+backward+SGD, batch 256, fresh subprocess each)", "",
+                  _table(sec["allocator"], [("allocator", "allocator"), ("s per step", "s"),
+                                            ("peak RSS MB", "peak_rss_mb"), ("error", "error")]), ""]
+    if "dc_vs_plain" in sec:
+        lines += ["## DC at the reference settings (IPC 1, ConvNet-3, real batch 256) vs a plain per-class loop", "",
+                  _table(sec["dc_vs_plain"], [("implementation", "implementation"), ("s per iteration", "s"),
+                                              ("speedup vs plain (glibc default)", "speedup_vs_plain_default")]), ""]
+    if "memory" in sec:
+        rows = [{**r, "rss": ", ".join(f"{v:.0f}" for v in r["rss_mb"])} for r in sec["memory"]]
+        lines += ["## Memory of DC at IPC 10 over iterations", "",
+                  _table(rows, [("preset", "preset"), ("RSS after each iteration (MB)", "rss"),
+                                ("growth after iteration 2 (MB)", "growth_after_2_mb"),
+                                ("process peak RSS so far (MB)", "peak_rss_mb"), ("CUDA peak MB", "cuda_peak_mb")]),
+                  ""]
+    return "\n".join(lines)
+
+
+def write_report(res, out_dir, command):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump({**res, "command": command}, f, indent=1, default=str)
+    path = os.path.join(out_dir, "bench.md")
+    with open(path, "w") as f:
+        f.write(report_markdown(res, command) + "\n")
+    return path
