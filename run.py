@@ -96,6 +96,18 @@ def list_cmd():
     click.echo("suites:    " + ", ".join(list_suites()))
 
 
+def _check_writable(path, option):
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise BenchmarkError(f"cannot write to {folder} ({e.strerror or e}); choose a writable {option} path")
+
+
 @cli.command()
 @click.option("--method", "-m", required=True, help="A registered method (run.py list).")
 @with_options(data_options)
@@ -112,6 +124,7 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
     """Distil a synthetic set and save it."""
     from benchmark.registry import create_method
     m = create_method(method, preset, list(overrides))
+    _check_writable(out, "--out")  # before hours of distillation, not after
     ckpt = out + ".ckpt"
     if not resume and os.path.exists(ckpt):
         os.remove(ckpt)

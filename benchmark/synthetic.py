@@ -87,12 +87,18 @@ class SyntheticSet:
     # ------------------------------------------------------------------------------------------------------------
     def save(self, path):
         """Atomic save (write to a temp file, then rename)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         blob = {"format": FORMAT, "images": self.images.detach().cpu(), "labels": self.labels.cpu(),
                 "space": self.space, "extras": _cpu(self.extras), "metadata": self.metadata}
         tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise BenchmarkError(f"cannot write the synthetic set to {path} ({e.strerror or e}); choose a writable "
+                                 f"--out path") from e
 
     @classmethod
     def load(cls, path, factor=None):

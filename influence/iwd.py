@@ -22,6 +22,7 @@ import torch
 
 from benchmark.errors import BenchmarkError
 from benchmark.logging import log_histogram
+from benchmark.method import NonFiniteError
 from benchmark.protocol import WeightedMatching, uniform_weights
 from benchmark.registry import register_method
 
@@ -106,6 +107,12 @@ def influence_weighted(cls=None, *, name=None):
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
             cfg = self.solver_config()
             scores, info = step_scores(step, uniform_weights(step), cfg, implicit)
+            if not all(torch.isfinite(s).all() for s in scores):  # never let NaN/Inf reach the weights
+                raise NonFiniteError(
+                    f"{self.name}: non-finite influence scores at iteration {step.iteration} (matching step "
+                    f"{step.local_step}{', solver: ' + info['solver_note'] if info.get('solver_note') else ''}); "
+                    f"last good checkpoint: {getattr(self, '_last_ckpt', None) or 'none (set --checkpoint-every)'}."
+                    f" Lower lr_img, raise damping, or use solver=cg.")
             if info.get("implicit"):
                 self._damping_now = info["solver_damping"] / cfg.damping_growth
             weights = [influence_weights(s, c.tau, c.standardize) for s in scores]

@@ -173,3 +173,76 @@ def test_iteration_timing_covers_iwd_and_plain_dc(digits):
     from benchmark.perf import iteration_times
     r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
     assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]
+
+
+def _hammer(args):
+    """One writer process: many atomic writes, half of them to keys the other writer also writes."""
+    from benchmark.runner import write_json_atomic
+    folder, who = args
+    for i in range(60):
+        key = f"shared{i % 10}" if i % 2 else f"{who}_{i}"
+        write_json_atomic(os.path.join(folder, key + ".json"), {"writer": who, "i": i, "pad": "x" * 20000})
+    return who
+
+
+def test_two_writers_never_clobber_or_tear_records(tmp_path):
+    """Two processes writing records at once (what the process pool and Ray workers do): every file is complete
+    JSON written by one of them, no temp file is left, and no record of one writer is lost to the other."""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(2) as pool:
+        assert sorted(pool.map(_hammer, [(str(tmp_path), "a"), (str(tmp_path), "b")])) == ["a", "b"]
+    files = os.listdir(tmp_path)
+    assert not [f for f in files if ".tmp" in f]
+    for f in files:
+        rec = json.load(open(tmp_path / f))
+        assert rec["writer"] in ("a", "b") and len(rec["pad"]) == 20000
+    assert len([f for f in files if f.startswith("a_")]) == 30 and len([f for f in files if f.startswith("b_")]) == 30
+    assert len([f for f in files if f.startswith("shared")]) == 5  # odd i -> i % 10 in {1, 3, 5, 7, 9}
+
+
+def test_nan_in_influence_scores_stops_the_cell_keeping_the_checkpoint(tmp_path, monkeypatch, digits):
+    """A NaN score never reaches the weights: the cell stops naming the iteration and the last good checkpoint,
+    which is kept; the other cells of the suite still finish."""
+    import influence.iwd as iwd
+    from benchmark.method import NonFiniteError, Task
+    from benchmark.registry import create_method
+    real = iwd.step_scores
+
+    def poisoned(step, *a, **k):
+        scores, info = real(step, *a, **k)
+        if step.iteration >= 2:
+            scores[0][0] = float("nan")
+        return scores, info
+    monkeypatch.setattr(iwd, "step_scores", poisoned)
+    ckpt = str(tmp_path / "c.pt")
+    m = create_method("iwd+dc", None, TINY_DC + ["iterations=4"])
+    with pytest.raises(NonFiniteError, match=f"influence scores at iteration 2 .*last good checkpoint: {ckpt}"):
+        m.distill(Task(digits, 1, 0, checkpoint_path=ckpt, checkpoint_every=1))
+    assert os.path.exists(ckpt)
+    suite = _suite(tmp_path, name="poisoned", methods=["random", "iwd+dc"], num_eval=1,
+                   overrides={"iwd+dc": TINY_DC + ["iterations=4"]})
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+    assert done == 1 and len(failures) == 1 and "influence scores" in str(failures[0])
+    assert [r["method"] for r in read_records(runs, "poisoned")] == ["random"]
+
+
+def test_bad_input_is_one_line_with_the_fix(tmp_path):
+    cases = [(["distill", "-m", "random", "-d", "nosuch", "-o", "x.pt"], "unknown dataset 'nosuch'"),
+             (["distill", "-m", "dc", "--ipc", "0", "-o", "x.pt"], "IPC must be at least 1"),
+             (["distill", "-m", "iwd+dc", "--set", "tau=0", "-o", "x.pt"], "tau must be > 0"),
+             (["distill", "-m", "dc", "--set", "iterations=1.5", "-o", "x.pt"], "expects int"),
+             (["distill", "-m", "random", "-o", str(tmp_path / "f" / "x.pt")], "choose a writable --out"),
+             (["run", "--suite", "quik"], "Did you mean 'quick'"),
+             (["run", "--suite", "quick", "--run-root", str(tmp_path / "f" / "runs")], "writable --run-root"),
+             (["evaluate", str(tmp_path / "nothing.pt")], "file not found")]
+    (tmp_path / "f").write_text("a file where a folder should be")
+    for args, message in cases:
+        out = _cli(*args, cwd=str(tmp_path))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    ok = _cli("distill", "-m", "random", "--ipc", "1", "-o", str(tmp_path / "r.pt"))
+    assert ok.returncode == 0
+    for args, message in [(["evaluate", str(tmp_path / "r.pt"), "--network", "ConvNett"], "Did you mean 'ConvNet'"),
+                          (["evaluate", str(tmp_path / "r.pt"), "--protocol", "dcc"], "unknown protocol 'dcc'")]:
+        out = _cli(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
