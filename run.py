@@ -173,8 +173,10 @@ def evaluate(synset, dataset, data_root, download, device, protocol, network, nu
 @click.option("--out", "-o", required=True, help="CSV of index,label,score (a .pt with the tensor is written beside).")
 @click.option("--figure", default=None, help="Also draw the paper's Figure 1 (histogram + tail images) to this PNG.")
 @click.option("--figure-class", type=int, default=0, show_default=True, help="The class drawn in --figure.")
+@click.option("--sorted-figure", default=None,
+              help="Also draw Figure 5: per class, the synthetic image and real images sorted by influence (PNG).")
 def influence(method, dataset, data_root, download, device, synset, preset, overrides, num_nets, seed, out, figure,
-              figure_class):
+              figure_class, sorted_figure):
     """Score every training instance's explicit influence against a synthetic set (the data of the paper's Fig. 1).
     A positive score: upweighting the instance raises the distillation objective."""
     import torch
@@ -200,6 +202,12 @@ def influence(method, dataset, data_root, download, device, synset, preset, over
         influence_figure(scores, task.dataset, figure_class, figure,
                          title=f"{task.dataset.name} class {figure_class}: influence under {method} vs {synset}")
         click.echo(f"figure -> {figure}")
+    if sorted_figure:
+        from benchmark.figures import sorted_by_influence_figure
+        sorted_by_influence_figure(syn, scores, task.dataset, sorted_figure,
+                                   title=f"{task.dataset.name}: {os.path.basename(synset)} (red frame) and real "
+                                         f"images sorted by influence under {method}, low -> high")
+        click.echo(f"figure -> {sorted_figure}")
 
 
 suite_options = [
@@ -256,6 +264,8 @@ def _write_table(s, run_root, results_root, command=None):
         return None
     wall = sum(r["distill_seconds"] + r["eval_seconds"] for r in recs)
     out = os.path.join(results_root, s.name)
+    from benchmark.figures import suite_figures
+    suite_figures(recs, out, s.eval_networks)
     figs = sorted(os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))) \
         if os.path.isdir(os.path.join(out, "figures")) else []
     return write_leaderboard(recs, out, s, command or COMMAND, s.methods, figs, wall)

@@ -34,3 +34,140 @@ def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None):
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _accuracies(records, network):
+    """All evaluation accuracies (percent) of the records on one evaluation network (pooled over seeds and nets)."""
+    out = []
+    for r in records:
+        ev = r.get("evaluations", {}).get(network)
+        if ev:
+            out += [100 * a for a in ev["accuracies"]]
+    return out
+
+
+def _mean_std(v):
+    t = torch.tensor(v, dtype=torch.float64)
+    return float(t.mean()), (float(t.std()) if len(v) > 1 else 0.0)
+
+
+def tau_figure(records, out_path, network, base="dc", dataset=None):
+    """The paper's Figure 4a: accuracy of iwd+<base> against tau, one line per IPC, with the base method
+    (tau -> infinity) as a dashed line of the same colour. Error bars: std over evaluation nets and seeds."""
+    plt = _plt()
+    iwd = "iwd+" + base
+    recs = [r for r in records if r["method"] in (base, iwd) and (dataset is None or r["dataset"] == dataset)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, ipc in enumerate(sorted({r["ipc"] for r in recs})):
+        colour = f"C{k}"
+        taus = {}
+        for r in recs:
+            if r["method"] == iwd and r["ipc"] == ipc:
+                taus.setdefault(float(r["config"]["tau"]), []).append(r)
+        xs = sorted(taus)
+        stats = [_mean_std(_accuracies(taus[t], network)) for t in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", color=colour, capsize=3,
+                    label=f"{iwd}, IPC {ipc}")
+        b = _accuracies([r for r in recs if r["method"] == base and r["ipc"] == ipc], network)
+        if b:
+            ax.axhline(_mean_std(b)[0], color=colour, ls="--", lw=1, label=f"{base} (tau = inf), IPC {ipc}")
+    ax.set_xscale("log")
+    ax.set_xlabel("softmax temperature tau")
+    ax.set_ylabel(f"test accuracy on {network} (%)")
+    ax.set_title(f"Accuracy vs tau ({(dataset or recs[0]['dataset']) if recs else ''})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def architecture_figure(records, out_path, networks, pairs=(("dc", "iwd+dc"),), variant=None):
+    """The paper's Figure 4b: base vs IWD accuracy on each evaluation architecture, grouped by IPC."""
+    plt = _plt()
+    recs = [r for r in records if variant is None or r.get("variant", "") in (variant, "")]
+    ipcs = sorted({r["ipc"] for r in recs})
+    bars = [(m, net) for net in networks for pair in pairs for m in pair]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.4 * len(ipcs) * len(bars) / 4), 4))
+    width = 0.8 / len(bars)
+    for j, (method, net) in enumerate(bars):
+        ms = []
+        for ipc in ipcs:
+            acc = _accuracies([r for r in recs if r["method"] == method and r["ipc"] == ipc], net)
+            ms.append(_mean_std(acc) if acc else (float("nan"), 0.0))
+        ax.bar([i + (j - (len(bars) - 1) / 2) * width for i in range(len(ipcs))], [m for m, _ in ms], width,
+               yerr=[s for _, s in ms], capsize=2, label=f"{method} on {net}",
+               color=f"C{networks.index(net)}", alpha=1.0 if method.startswith("iwd+") else 0.45)
+    ax.set_xticks(range(len(ipcs)))
+    ax.set_xticklabels([f"IPC {i}" for i in ipcs])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Base (light) vs IWD (dark) on each evaluation network")
+    ax.legend(fontsize=7)
+    lo = min((p.get_height() for p in ax.patches if p.get_height() == p.get_height()), default=0)
+    ax.set_ylim(max(0, lo - 10), 100)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def sorted_by_influence_figure(synset, scores, dataset, out_path, n_show=12, title=None):
+    """Figure 5 in our form: per class, the synthetic image(s) (left, framed) and then real instances of that
+    class ordered from lowest to highest influence (n_show evenly spaced ranks, so both tails and the middle
+    show). scores: one per training instance (run.py influence, or the EMA an IWD set carries)."""
+    plt = _plt()
+    x, y = synset.training_data(dataset)
+    scores = torch.as_tensor(scores).double()
+    classes = list(range(dataset.num_classes))
+    fig, axes = plt.subplots(len(classes), n_show + 1, figsize=(0.75 * (n_show + 1), 0.8 * len(classes) + 0.6))
+
+    def show(a, img):
+        img = dataset.denormalize(img[None])[0].clamp(0, 1)
+        a.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+        a.set_xticks([])
+        a.set_yticks([])
+    for row, c in enumerate(classes):
+        show(axes[row, 0], x[y == c][0])
+        for side in axes[row, 0].spines.values():
+            side.set_color("red")
+            side.set_linewidth(2)
+        ix = dataset.class_indices[c]
+        order = ix[scores[ix].argsort()]
+        picks = torch.linspace(0, len(order) - 1, n_show).round().long()
+        for k, p in enumerate(picks.tolist()):
+            show(axes[row, k + 1], dataset.x_train[order[p]])
+    axes[0, 0].set_title("synthetic", fontsize=7)
+    axes[0, 1].set_title("lowest", fontsize=7)
+    axes[0, n_show].set_title("highest", fontsize=7)
+    fig.suptitle(title or "Synthetic images and real instances sorted by influence (low -> high)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def suite_figures(records, out_dir, eval_networks):
+    """The figures a suite's records support, drawn next to its leaderboard: Figure 4a for every base whose IWD
+    variant ran at more than one tau, Figure 4b when there are several evaluation networks."""
+    made = []
+    bases = sorted({r["method"][4:] for r in records if r["method"].startswith("iwd+")})
+    for base in bases:
+        taus = {float(r["config"]["tau"]) for r in records if r["method"] == "iwd+" + base}
+        if len(taus) > 1:
+            made.append(tau_figure(records, os.path.join(out_dir, "figures", f"tau_{base}.png"),
+                                   eval_networks[0], base))
+    pairs = tuple((b, "iwd+" + b) for b in bases if any(r["method"] == b for r in records))
+    if len(eval_networks) > 1 and pairs:
+        made.append(architecture_figure(records, os.path.join(out_dir, "figures", "architectures.png"),
+                                        list(eval_networks), pairs, variant="base"))
+    return made

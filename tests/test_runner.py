@@ -246,3 +246,23 @@ def test_bad_input_is_one_line_with_the_fix(tmp_path):
                           (["evaluate", str(tmp_path / "r.pt"), "--protocol", "dcc"], "unknown protocol 'dcc'")]:
         out = _cli(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_tau_architecture_and_sorted_figures(tmp_path, digits):
+    """Figures 4a, 4b (from records, as the table command draws them) and 5 (from a set and scores) are PNGs."""
+    from benchmark.figures import sorted_by_influence_figure, suite_figures
+    from benchmark.synthetic import SyntheticSet
+
+    def rec(method, ipc, tau, accs):
+        ev = {net: {"accuracies": [a - k for a in accs]} for k, net in enumerate(["ConvNet", "ResNet10"])}
+        return {"method": method, "ipc": ipc, "dataset": "digits", "variant": "base" if tau == 1 else f"tau{tau}",
+                "config": {"tau": tau} if method.startswith("iwd+") else {}, "evaluations": ev}
+    records = [rec("dc", i, None, [0.8, 0.82]) for i in (1, 10)]
+    records += [rec("iwd+dc", i, t, [0.8 + 0.01 * t ** 0.1, 0.83]) for i in (1, 10) for t in (0.1, 1, 10)]
+    made = suite_figures(records, str(tmp_path), ["ConvNet", "ResNet10"])
+    assert sorted(os.path.basename(m) for m in made) == ["architectures.png", "tau_dc.png"]
+    syn = SyntheticSet(digits.x_train[[int(ix[0]) for ix in digits.class_indices]].clone(), torch.arange(10))
+    out = sorted_by_influence_figure(syn, torch.randn(len(digits.y_train)), digits, str(tmp_path / "f5.png"))
+    for path in [*made, out]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
