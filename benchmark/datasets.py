@@ -34,6 +34,9 @@ class Dataset:
     class_names: List[str] = field(default_factory=list)
 
     def __post_init__(self):
+        self.full_name = self.name                                      # name@corruption for corrupted copies
+        self.corrupted = torch.zeros(len(self.y_train), dtype=torch.bool)  # benchmark.corruptions
+        self.corruption = None
         self.num_classes = int(self.y_train.max().item()) + 1
         self.class_indices = [torch.nonzero(self.y_train == c).flatten() for c in range(self.num_classes)]
 
@@ -124,7 +127,15 @@ def dataset_spec(name) -> DatasetSpec:
 
 
 def get_dataset(name, data_root: Optional[str] = None, download: bool = False) -> Dataset:
-    """Load a registered dataset (cached in-process). Raises BenchmarkError naming the fix if files are missing."""
+    """Load a registered dataset (cached in-process). Raises BenchmarkError naming the fix if files are missing.
+    `name@kind=rate` gives a corrupted copy (benchmark.corruptions)."""
+    from . import corruptions
+    base, kind, rate = corruptions.parse(name)
+    if kind is not None:
+        key = (name, os.path.abspath(data_root or DEFAULT_DATA_ROOT))
+        if key not in _CACHE:
+            _CACHE[key] = corruptions.corrupt(get_dataset(base, data_root, download), kind, rate, name)
+        return _CACHE[key]
     spec = dataset_spec(name)
     root = data_root or DEFAULT_DATA_ROOT
     key = (name, os.path.abspath(root))

@@ -88,6 +88,21 @@ def _fmt(cell, style):
     return s
 
 
+def corruption_section(records):
+    """Robustness suites: how well the influence tracked by each IWD cell separates corrupted from clean instances."""
+    recs = [r for r in records if r.get("corruption_auc") is not None]
+    if not recs:
+        return []
+    out = ["", "Influence vs corruption: ROC AUC of the tracked (EMA) influence score as a detector of corrupted "
+           "training instances, over the instances scored at least once. 0.5 = no separation; > 0.5: corrupted "
+           "instances in the HIGH-score tail (IWD upweights them); < 0.5: in the low tail (IWD downweights them, the "
+           "paper's claim).", "", "| Method | Dataset | IPC | seed | AUC | scored (corrupted) |", "|---|---|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: (r["method"], r["dataset"], r["ipc"], r["seed"])):
+        out.append(f"| {_row_name(r)} | {r['dataset']} | {r['ipc']} | {r['seed']} | {r['corruption_auc']:.3f} | "
+                   f"{r['corruption_scored']} ({r['corruption_scored_corrupted']}) |")
+    return out
+
+
 def write_leaderboard(records, out_dir, suite, command, methods_order=None, figures=(), wall_seconds=None):
     """Write leaderboard.md, .csv and .tex under out_dir. Returns the Markdown path."""
     os.makedirs(out_dir, exist_ok=True)
@@ -109,6 +124,7 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
                "| " + " | ".join(["Method"] + [f"{d} IPC {i}" for d, i in ecols]) + " |", "|" + "---|" * (len(ecols) + 1)]
         for n, r in erows.items():
             md.append("| " + " | ".join([n] + [_fmt(r.get(c), "md") for c in ecols]) + " |")
+    md += corruption_section(records)
     prov = records[0] if records else {}
     seeds = sorted({r["seed"] for r in records})
     nets = sorted({r["accuracy"]["num_eval"] for r in records}) if records else []

@@ -120,7 +120,7 @@ class Method:
         raise NotImplementedError
 
     def metadata(self, task, **extra):
-        return {"method": self.name, "config": dataclasses.asdict(self.config), "dataset": task.dataset.name,
+        return {"method": self.name, "config": dataclasses.asdict(self.config), "dataset": task.dataset.full_name,
                 "ipc": task.ipc, "seed": task.seed, **provenance(), **extra}
 
 

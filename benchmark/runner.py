@@ -111,6 +111,8 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **provenance(),
     }
+    if ds.corruption:
+        record.update(corruption_stats(ds, synset))
     if writer is not None:
         writer.add_scalar("eval/accuracy_mean", main["mean"], 0)
         writer.add_scalar("eval/accuracy_std", main["std"], 0)
@@ -130,6 +132,22 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     if os.path.exists(paths.failed(cell)):
         os.remove(paths.failed(cell))
     return record
+
+
+def corruption_stats(ds, synset):
+    """For a corrupted dataset: the corruption, and for IWD sets how well the influence tracked during distillation
+    separates corrupted from clean instances: ROC AUC of the EMA score as a detector of 'corrupted', over the
+    instances that were scored at least once. AUC > 0.5: corrupted instances sit in the HIGH-score tail (IWD
+    upweights them); < 0.5: in the low tail (IWD downweights them, the paper's claim)."""
+    from .corruptions import roc_auc
+    out = {"corruption": ds.corruption}
+    inf = synset.extras.get("influence")
+    if inf is not None:
+        seen = inf["count"] > 0
+        out["corruption_auc"] = roc_auc(inf["ema"][seen], ds.corrupted[seen])
+        out["corruption_scored"] = int(seen.sum())
+        out["corruption_scored_corrupted"] = int((seen & ds.corrupted).sum())
+    return out
 
 
 def _safe_run_cell(suite, cell, run_root, data_root, device, log, threads):

@@ -50,12 +50,12 @@ _FEATURE_NETS = {}
 def feature_network(task, cfg):
     """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed)."""
     ds = task.dataset
-    key = (ds.name, cfg.network, cfg.feature_epochs, task.seed)
+    key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed)
     if key in _FEATURE_NETS:
         return _FEATURE_NETS[key]
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed)
     cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
-    path = os.path.join(cache, f"herding-{ds.name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
+    path = os.path.join(cache, f"herding-{ds.full_name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception:  # noqa: BLE001 - missing or stale cache: train it

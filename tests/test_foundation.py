@@ -240,3 +240,43 @@ def test_herding_beats_random_and_full_is_far_above(digits, task_of):
     f = evaluate(create_method("full").distill(t), digits, "auto-quick", num_eval=2)
     assert h["mean"] > r["mean"]
     assert f["mean"] > max(h["mean"], r["mean"]) + 0.02
+
+
+# ------------------------------------------------------------------------------------------------ corruptions
+def test_corruptions_change_only_what_they_say():
+    from benchmark.datasets import get_dataset
+    clean = get_dataset("digits")
+    noisy = get_dataset("digits@label-noise=0.2")
+    m = noisy.corrupted
+    assert int(m.sum()) == round(0.2 * len(clean.y_train)) and noisy.corruption["kind"] == "label-noise"
+    assert (noisy.y_train[m] != clean.y_train[m]).all() and (noisy.y_train[~m] == clean.y_train[~m]).all()
+    assert torch.equal(noisy.x_train, clean.x_train) and torch.equal(noisy.y_test, clean.y_test)
+    dup = get_dataset("digits@duplicates=0.3")
+    d = dup.corrupted
+    assert torch.equal(dup.y_train, clean.y_train) and torch.equal(dup.x_train[~d], clean.x_train[~d])
+    # each duplicate is within noise of a clean source image of its class
+    src = clean.x_train[~d].flatten(1)
+    for i in d.nonzero().flatten()[:20].tolist():
+        dist = (src - clean.x_train.new_tensor(dup.x_train[i]).flatten()).norm(dim=1)
+        j = int(dist.argmin())
+        assert dist[j] < 0.05 * 4 * src.shape[1] ** 0.5 and clean.y_train[~d][j] == clean.y_train[i]
+    out = get_dataset("digits@outliers=0.1")
+    o = out.corrupted
+    assert (out.x_train[o] != clean.x_train[o]).flatten(1).any(1).all() and torch.equal(out.x_train[~o], clean.x_train[~o])
+    assert get_dataset("digits@label-noise=0.2") is noisy  # cached, and the clean one untouched
+    assert not clean.corrupted.any()
+    for bad, msg in [("digits@noise=0.2", "unknown corruption"), ("digits@label-noise=2", "in \\(0, 1\\)"),
+                     ("digits@label-noise=x", "in \\(0, 1\\)")]:
+        with pytest.raises(BenchmarkError, match=msg):
+            get_dataset(bad)
+
+
+def test_roc_auc_against_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from benchmark.corruptions import roc_auc
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(300, generator=g) < 0.3
+    scores = torch.randn(300, generator=g) + labels.double()
+    scores[:40] = scores[:40].round()  # ties
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)

@@ -266,3 +266,15 @@ def test_tau_architecture_and_sorted_figures(tmp_path, digits):
     for path in [*made, out]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corrupted_cell_records_the_corruption_and_influence_auc(tmp_path):
+    suite = _suite(tmp_path, name="robust", methods=["iwd+dc"], datasets=["digits@label-noise=0.2"], num_eval=1)
+    runs = str(tmp_path / "runs")
+    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+    assert done == 1 and not failures
+    (rec,) = read_records(runs, "robust")
+    assert rec["corruption"]["kind"] == "label-noise" and 0.0 <= rec["corruption_auc"] <= 1.0
+    assert 0 < rec["corruption_scored_corrupted"] < rec["corruption_scored"]
+    from benchmark.leaderboard import corruption_section
+    assert any("ROC AUC" in line for line in corruption_section([rec]))
