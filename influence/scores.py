@@ -27,23 +27,35 @@ def explicit_scores(step, g, weights):
     return scores.detach()
 
 
+def explicit_and_objective_gradient(step, weights):
+    """Explicit scores of every group AND g_M = d (sum_g Dist_g) / d theta (through both statistics) from ONE
+    backward pass: the weights are leaves and the graph of every group's real statistic is built once. What the
+    implicit term needs; the synthetic statistics' graphs are kept for the image update."""
+    ws = [w.detach().clone().requires_grad_(True) for w in weights]
+    total = 0.0
+    for g, w in enumerate(ws):
+        total = total + step.distance(step.syn_stats[g], step.real_statistic(g, w, True))
+    params = list(step.train_params)
+    grads = torch.autograd.grad(total, ws + params, retain_graph=True, allow_unused=True)
+    explicit = [torch.zeros_like(w) if gr is None else gr.detach() for gr, w in zip(grads, ws)]
+    g_m = [torch.zeros_like(p) if gr is None else gr.detach() for gr, p in zip(grads[len(ws):], params)]
+    return explicit, g_m
+
+
 def objective_gradient(step, weights):
     """g_M = d (sum_g Dist_g) / d theta, through both the synthetic and the real statistics."""
-    total = 0.0
-    for g in range(len(step.batches)):
-        total = total + step.distance(step.syn_stats[g], step.real_statistic(g, weights[g].detach(), True))
-    grads = torch.autograd.grad(total, step.train_params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if gr is None else gr.detach() for gr, p in zip(grads, step.train_params)]
+    return explicit_and_objective_gradient(step, weights)[1]
 
 
-def implicit_scores(step, weights, solver: SolverConfig):
+def implicit_scores(step, weights, solver: SolverConfig, g_m=None):
     """-<(H + damping I)^{-1} g_M, grad l_j> for every instance of every group (one iHVP for the whole step).
     Returns (list of per-group score tensors, SolveInfo)."""
     if step.instance_loss is None:
         raise ValueError("implicit influence needs step.instance_loss (inner training on real data)")
     x = torch.cat([b.x for b in step.batches])
     y = torch.cat([b.y for b in step.batches])
-    g_m = objective_gradient(step, weights)
+    if g_m is None:
+        g_m = objective_gradient(step, weights)
     xh, yh = x, y
     if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
         rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device)
@@ -59,13 +71,12 @@ def implicit_scores(step, weights, solver: SolverConfig):
 def step_scores(step, weights, solver: SolverConfig = None, implicit=None):
     """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real
     data (or when implicit=True). Returns (per-group scores, info dict)."""
-    scores = [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))]
     info = {"implicit": False}
     use_implicit = (step.inner_data == "real") if implicit is None else implicit
-    if use_implicit:
-        imp, solve = implicit_scores(step, weights, solver or SolverConfig())
-        scores = [e + i for e, i in zip(scores, imp)]
-        info.update(implicit=True, solver=solve.solver, solver_iterations=solve.iterations,
-                    solver_residual=solve.residual, solver_converged=solve.converged, solver_note=solve.note,
-                    solver_damping=solve.damping)
-    return scores, info
+    if not use_implicit:  # group by group: only one group's real graph alive at a time
+        return [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))], info
+    explicit, g_m = explicit_and_objective_gradient(step, weights)
+    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m)
+    info.update(implicit=True, solver=solve.solver, solver_iterations=solve.iterations, solver_residual=solve.residual,
+                solver_converged=solve.converged, solver_note=solve.note, solver_damping=solve.damping)
+    return [e + i for e, i in zip(explicit, imp)], info

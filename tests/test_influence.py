@@ -129,6 +129,21 @@ def test_implicit_scores_match_dense_hessian(digits64, task_of):
     expected = torch.stack(per_sample)
     got = torch.cat(scores)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
+    # step_scores (explicit and g_M from one shared backward) = the FD-checked explicit path + the implicit term
+    from influence.scores import step_scores
+    total_scores, info = step_scores(step, w0, SolverConfig("exact", damping=damping))
+    explicit = torch.cat([explicit_scores(step, k, w0[k]) for k in range(len(w0))])
+    assert info["implicit"] and torch.allclose(torch.cat(total_scores), explicit + expected, rtol=1e-6, atol=1e-9)
+    # a stochastic Hessian on evenly spaced rows = the dense Hessian of those rows
+    rows = torch.linspace(0, len(y) - 1, 7).round().long()
+    gs = flat(torch.autograd.grad(step.instance_loss(x[rows], y[rows]).mean(), params, create_graph=True))
+    Hs = torch.stack([flat(torch.autograd.grad(gs[i], params, retain_graph=True)) for i in range(len(gs))])
+    hs = torch.linalg.solve(Hs + damping * torch.eye(len(gs), dtype=Hs.dtype), g_m)
+    sub, _ = implicit_scores(step, w0, SolverConfig("exact", damping=damping, hessian_batch=7))
+    per_sample_grads = [flat(torch.autograd.grad(step.instance_loss(x[j:j + 1], y[j:j + 1]).sum(), params))
+                        for j in range(len(y))]
+    assert torch.allclose(torch.cat(sub), torch.stack([-(hs @ gj) for gj in per_sample_grads]), rtol=1e-6,
+                          atol=1e-9)
     # CG with the same damping agrees when H + damping I is positive definite
     if torch.linalg.eigvalsh(H + damping * torch.eye(len(g), dtype=H.dtype)).min() > 0:
         cg, _ = implicit_scores(step, w0, SolverConfig("cg", damping=damping, max_iter=500, tol=1e-10))
