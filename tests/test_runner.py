@@ -62,6 +62,7 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     assert {"distill/loss", "eval/accuracy_mean", "distill/iwd/relative_ess", "distill/time/influence_s"} \
         <= set(tags["scalars"])
     assert "iwd/scores" in tags["histograms"] and "synthetic/final" in tags["images"]
+    assert "distill/synthetic" in tags["images"]  # the grid during distillation (every iterations // 10)
 
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path):
