@@ -61,10 +61,15 @@ def create_method(name, preset=None, overrides=None):
     return cls(cls.make_config(preset, overrides))
 
 
+LOADED_PLUGINS = []  # modules loaded with --plugin: the runner re-imports them in its worker processes
+
+
 def load_plugin(module_name):
     """Import a user's module so its @register_method decorators run."""
     try:
         importlib.import_module(module_name)
+        if module_name not in LOADED_PLUGINS:
+            LOADED_PLUGINS.append(module_name)
     except Exception as e:  # noqa: BLE001 - any failure inside the user's module
         raise BenchmarkError(f"plugin module {module_name!r} failed to import ({type(e).__name__}: {e}); check that "
                              f"it is on PYTHONPATH and imports cleanly with: python -c 'import {module_name}'") from e

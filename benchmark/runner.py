@@ -84,7 +84,10 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     from .synthetic import provenance
 
     from . import allocator
-    allocator.tune()  # workers (Ray, spawned pools) do not go through run.py
+    from .registry import load_plugin
+    allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
+    for module in suite.plugins:  # nor through --plugin
+        load_plugin(module)
     if threads:
         torch.set_num_threads(threads)
     paths = RunPaths(run_root, suite.name)
@@ -174,6 +177,8 @@ def pending_cells(suite, run_root):
 def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, address=None, data_root=None,
               device="cpu", log=True, progress=True, echo=print):
     """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message))."""
+    from .registry import LOADED_PLUGINS
+    suite.plugins = list(dict.fromkeys([*suite.plugins, *LOADED_PLUGINS]))
     paths = RunPaths(run_root, suite.name)
     paths.ensure()
     cells = pending_cells(suite, run_root)
@@ -203,18 +208,9 @@ def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, ad
         for cell in cells:
             report(cell, *_safe_run_cell(suite, cell, run_root, data_root, device, log, None))
     elif executor == "process":
-        import concurrent.futures as cf
-        import multiprocessing as mp
         workers = workers or max(1, (os.cpu_count() or 2) // 2)
         threads = max(1, (os.cpu_count() or 2) // workers)
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_safe_run_cell, suite, c, run_root, data_root, device, log, threads): c for c in cells}
-            for f in cf.as_completed(futs):
-                try:
-                    status, payload = f.result()
-                except Exception as e:  # noqa: BLE001 - a worker died (killed, OOM)
-                    status, payload = "failed", f"worker died: {type(e).__name__}: {e}"
-                report(futs[f], status, payload)
+        _run_processes(suite, cells, run_root, data_root, device, log, workers, threads, report)
     elif executor == "ray":
         _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report)
     else:
@@ -222,6 +218,48 @@ def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, ad
     if bar is not None:
         bar.close()
     return done, failures
+
+
+def _cell_process(conn, suite, cell, run_root, data_root, device, log, threads):
+    conn.send(_safe_run_cell(suite, cell, run_root, data_root, device, log, threads))
+    conn.close()
+
+
+def _receive(conn):
+    """The worker's (status, payload) if it sent one; None if nothing yet or the worker is gone (EOF)."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+def _run_processes(suite, cells, run_root, data_root, device, log, workers, threads, report):
+    """One fresh (spawned) process per cell, at most `workers` at a time. A worker that dies (kill -9, OOM killer,
+    a segfault in a library) fails only its own cell; a pool whose broken worker takes every pending cell down with
+    it (concurrent.futures) is exactly what this avoids. The cell's checkpoint stays for the next run."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue, running = list(cells), {}
+    while queue or running:
+        while queue and len(running) < workers:
+            cell = queue.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_cell_process, args=(send, suite, cell, run_root, data_root, device, log, threads))
+            p.start()
+            send.close()
+            running[p] = (cell, recv)
+        for p in list(running):
+            cell, recv = running[p]
+            result = _receive(recv)
+            if result is None and p.is_alive():
+                continue
+            p.join()
+            del running[p]
+            result = result or _receive(recv) or (
+                "failed", f"worker died (exit code {p.exitcode}); its checkpoint is kept: rerun the suite to resume")
+            recv.close()
+            report(cell, *result)
+        time.sleep(0.05)
 
 
 def _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report):

@@ -32,6 +32,7 @@ class Suite:
     description: str = ""
     reduced: bool = False
     data_root: str = ""
+    plugins: List[str] = field(default_factory=list)  # modules registering methods (imported in every worker too)
 
     def cells(self):
         out = []

@@ -118,11 +118,16 @@ def test_ray_executor_on_a_local_cluster(tmp_path, monkeypatch):
     assert len(read_records(runs, "rayed")) == 4
 
 
-def test_process_pool_executor_writes_every_record(tmp_path):
-    suite = _suite(tmp_path, name="pooled", methods=["random"], ipc=[1, 2, 3], num_eval=1)
+def test_process_executor_survives_a_killed_worker(tmp_path):
+    """Fault injection: one cell's worker is killed with SIGKILL (a plugin method loaded with --plugin, which the
+    workers must import too); that cell fails with a clear message, every other cell writes its record."""
+    from benchmark.registry import load_plugin
+    load_plugin("killer_plugin")
+    suite = _suite(tmp_path, name="pooled", methods=["random", "test-killer"], ipc=[1, 2, 3], num_eval=1)
     runs = str(tmp_path / "runs")
     done, failures = run_suite(suite, runs, executor="process", workers=2, progress=False, echo=lambda *_: None)
-    assert done == 3 and not failures and len(read_records(runs, "pooled")) == 3
+    assert done == 3 and len(read_records(runs, "pooled")) == 3
+    assert len(failures) == 3 and all("worker died (exit code -9)" in msg for _, msg in failures)
 
 
 def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
