@@ -60,21 +60,25 @@ def _mean_std(v):
 
 def tau_figure(records, out_path, network, base="dc", dataset=None):
     """The paper's Figure 4a: accuracy of iwd+<base> against tau, one line per IPC, with the base method
-    (tau -> infinity) as a dashed line of the same colour. Error bars: std over evaluation nets and seeds."""
+    (tau -> infinity) as a dashed line of the same colour; runs on raw (not z-scored) scores as dotted lines with
+    crosses. Error bars: std over evaluation nets and seeds."""
     plt = _plt()
     iwd = "iwd+" + base
     recs = [r for r in records if r["method"] in (base, iwd) and (dataset is None or r["dataset"] == dataset)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, ipc in enumerate(sorted({r["ipc"] for r in recs})):
         colour = f"C{k}"
-        taus = {}
-        for r in recs:
-            if r["method"] == iwd and r["ipc"] == ipc:
-                taus.setdefault(float(r["config"]["tau"]), []).append(r)
-        xs = sorted(taus)
-        stats = [_mean_std(_accuracies(taus[t], network)) for t in xs]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", color=colour, capsize=3,
-                    label=f"{iwd}, IPC {ipc}")
+        for standardize, style in ((True, dict(marker="o")), (False, dict(marker="x", ls=":"))):
+            taus = {}
+            for r in recs:
+                if r["method"] == iwd and r["ipc"] == ipc and bool(r["config"].get("standardize", True)) == standardize:
+                    taus.setdefault(float(r["config"]["tau"]), []).append(r)
+            if not taus:
+                continue
+            xs = sorted(taus)
+            stats = [_mean_std(_accuracies(taus[t], network)) for t in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], color=colour, capsize=3, **style,
+                        label=f"{iwd}, IPC {ipc}" + ("" if standardize else ", raw scores (standardize=false)"))
         b = _accuracies([r for r in recs if r["method"] == base and r["ipc"] == ipc], network)
         if b:
             ax.axhline(_mean_std(b)[0], color=colour, ls="--", lw=1, label=f"{base} (tau = inf), IPC {ipc}")
