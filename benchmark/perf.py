@@ -233,12 +233,12 @@ def section_ihvp(s, ds):
     net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0, width=width).to(s.device)
     params = [p for p in net.parameters()]
     gen = torch.Generator().manual_seed(1)
-    idx = torch.randperm(len(ds.y_train), generator=gen)[:640]
+    idx = torch.randperm(len(ds.y_train), generator=gen)[:128]  # IWD's default hessian_batch
     x, y = ds.x_train[idx].to(s.device), ds.y_train[idx].to(s.device)
-    v = [t.detach() for t in torch.autograd.grad(F.cross_entropy(net(x[:256]), y[:256]), params)]
+    v = [t.detach() for t in torch.autograd.grad(F.cross_entropy(net(x[:64]), y[:64]), params)]
     rows = []
     for solver in ("cg", "lissa"):
-        cfg = SolverConfig(solver=solver, damping=0.01, max_iter=50, tol=1e-3, lissa_depth=500)
+        cfg = SolverConfig(solver=solver, damping=0.01, max_iter=20, tol=1e-3, lissa_depth=200)
         t, (h, info) = timed(lambda: inverse_hvp(lambda: F.cross_entropy(net(x), y), params, v, cfg),
                              max(1, s.n - 1), s.device)
         rows.append({"solver": solver, "network": f"ConvNet-3 width {width}", "batch": len(y), "s": t,
