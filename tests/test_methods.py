@@ -137,3 +137,18 @@ def test_nan_stops_with_a_clear_message(digits, task_of, tmp_path):
 def test_ipc_larger_than_a_class(digits, task_of):
     with pytest.raises(BenchmarkError, match="larger than the smallest class"):
         create_method("dc", None, TINY).distill(task_of(digits, 500, 0))
+
+
+def test_evaluation_is_deterministic_and_a_corrupt_checkpoint_is_a_clear_error(digits, task_of, tmp_path):
+    from benchmark.synthetic import SyntheticSet
+    from evaluation import evaluate
+    idx = torch.cat([ix[:2] for ix in digits.class_indices])
+    syn = SyntheticSet(digits.x_train[idx].clone(), digits.y_train[idx].clone())
+    a = evaluate(syn, digits, "dc-quick", "ConvNetW32", num_eval=2, seed=3)
+    b = evaluate(syn, digits, "dc-quick", "ConvNetW32", num_eval=2, seed=3)
+    assert a["accuracies"] == b["accuracies"]
+    ckpt = tmp_path / "run.pt.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(BenchmarkError, match="corrupt or truncated"):
+        create_method("dc", None, TINY).distill(task_of(digits, 1, 0, checkpoint_path=str(ckpt), checkpoint_every=1))
+    assert ckpt.exists()  # kept for inspection, never overwritten silently
