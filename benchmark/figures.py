@@ -4,12 +4,24 @@ import os
 import torch
 
 
-def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None):
-    """The paper's Figure 1: the distribution of per-instance influence scores of one class, with the real images
-    of both tails (lowest scores left, highest right). scores: one per training instance."""
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out_path):
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    _plt().close(fig)
+    return out_path
+
+
+def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None):
+    """The paper's Figure 1: the distribution of per-instance influence scores of one class, with the real images
+    of both tails (lowest scores left, highest right). scores: one per training instance."""
+    plt = _plt()
     ix = dataset.class_indices[cls]
     s = torch.as_tensor(scores)[ix].double()
     order = s.argsort()
@@ -30,17 +42,9 @@ def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None):
             a.set_yticks([])
             a.set_xlabel(f"{float(torch.as_tensor(scores)[i]):.2g}", fontsize=7)
         fig.text(0.02 + row * 0.5, 0.28, label, fontsize=9)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _accuracies(records, network):
@@ -88,10 +92,7 @@ def tau_figure(records, out_path, network, base="dc", dataset=None):
     ax.set_title(f"Accuracy vs tau ({(dataset or recs[0]['dataset']) if recs else ''})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def architecture_figure(records, out_path, networks, pairs=(("dc", "iwd+dc"),), variant=None):
@@ -118,10 +119,7 @@ def architecture_figure(records, out_path, networks, pairs=(("dc", "iwd+dc"),), 
     lo = min((p.get_height() for p in ax.patches if p.get_height() == p.get_height()), default=0)
     ax.set_ylim(max(0, lo - 10), 100)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def sorted_by_influence_figure(synset, scores, dataset, out_path, n_show=12, title=None):
@@ -154,10 +152,7 @@ def sorted_by_influence_figure(synset, scores, dataset, out_path, n_show=12, tit
     axes[0, n_show].set_title("highest", fontsize=7)
     fig.suptitle(title or "Synthetic images and real instances sorted by influence (low -> high)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def suite_figures(records, out_dir, eval_networks):

@@ -5,6 +5,7 @@ crash never leaves half a record and two workers never clobber each other (one f
 Rerunning a suite skips cells that have a record and resumes interrupted ones from their checkpoints
 (<run_root>/<suite>/checkpoints/). A failing cell writes <key>.failed.json with its error; the others go on.
 """
+import dataclasses
 import datetime
 import json
 import os
@@ -80,11 +81,10 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     from .datasets import get_dataset
     from .logging import make_writer
     from .method import Task
-    from .registry import create_method
+    from . import allocator
+    from .registry import create_method, load_plugin
     from .synthetic import provenance
 
-    from . import allocator
-    from .registry import load_plugin
     allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
     for module in suite.plugins:  # nor through --plugin
         load_plugin(module)
@@ -178,7 +178,7 @@ def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, ad
               device="cpu", log=True, progress=True, echo=print):
     """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message))."""
     from .registry import LOADED_PLUGINS
-    suite.plugins = list(dict.fromkeys([*suite.plugins, *LOADED_PLUGINS]))
+    suite = dataclasses.replace(suite, plugins=list(dict.fromkeys([*suite.plugins, *LOADED_PLUGINS])))
     paths = RunPaths(run_root, suite.name)
     paths.ensure()
     cells = pending_cells(suite, run_root)
