@@ -51,13 +51,14 @@ def cli(debug, plugin, threads):
         load_plugin(p)
 
 
-def _task(dataset, ipc, seed, device, data_root, download, log_dir, name, checkpoint=None, checkpoint_every=0):
+def _task(dataset, ipc, seed, device, data_root, download, log_dir, name, checkpoint=None, checkpoint_every=0,
+          checkpoint_minutes=0.0):
     from benchmark.datasets import get_dataset
     from benchmark.logging import make_writer
     from benchmark.method import Task
     ds = get_dataset(dataset, data_root, download)
-    return Task(ds, ipc, seed, device, make_writer(log_dir, name), checkpoint, checkpoint_every, progress=True,
-                log_images_every=50 if log_dir else 0)
+    return Task(ds, ipc, seed, device, make_writer(log_dir, name), checkpoint, checkpoint_every, checkpoint_minutes,
+                progress=True, log_images_every=50 if log_dir else 0)
 
 
 data_options = [
@@ -118,9 +119,11 @@ def _check_writable(path, option):
 @click.option("--out", "-o", required=True, help="Where to write the synthetic set (.pt).")
 @click.option("--log-dir", default=None, help="TensorBoard log root (off by default).")
 @click.option("--checkpoint-every", type=int, default=0, help="Checkpoint every K iterations (to OUT.ckpt).")
+@click.option("--checkpoint-minutes", type=float, default=0.0,
+              help="Also checkpoint every M minutes of wall time (to OUT.ckpt).")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT.ckpt if present.")
 def distill(method, dataset, data_root, download, device, ipc, seed, preset, overrides, out, log_dir,
-            checkpoint_every, resume):
+            checkpoint_every, checkpoint_minutes, resume):
     """Distil a synthetic set and save it."""
     from benchmark.registry import create_method
     m = create_method(method, preset, list(overrides))
@@ -129,7 +132,8 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
     if not resume and os.path.exists(ckpt):
         os.remove(ckpt)
     task = _task(dataset, ipc, seed, device, data_root, download, log_dir, f"{dataset}-{method}-ipc{ipc}-s{seed}",
-                 ckpt if checkpoint_every else (ckpt if os.path.exists(ckpt) else None), checkpoint_every)
+                 ckpt if checkpoint_every or checkpoint_minutes else (ckpt if os.path.exists(ckpt) else None),
+                 checkpoint_every, checkpoint_minutes)
     if method != "full":
         task.dataset.check_ipc(ipc)
     syn = m.distill(task)

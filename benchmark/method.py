@@ -29,6 +29,7 @@ class Task:
     writer: Any = None               # a torch.utils.tensorboard SummaryWriter, or None
     checkpoint_path: Optional[str] = None
     checkpoint_every: int = 0        # iterations between checkpoints (0: none)
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed since the last one (0: off)
     progress: bool = False
     log_images_every: int = 0
 
@@ -177,6 +178,7 @@ class IterativeMethod(Method):
             from tqdm import tqdm
             bar = tqdm(total=n, initial=start, desc=f"{self.name} {task.dataset.name} ipc{task.ipc}", leave=False)
         gen = torch.Generator()
+        last_save = time.monotonic()
         for it in range(start, n):
             gen.set_state(state["rng"])
             t0 = time.perf_counter()
@@ -189,8 +191,11 @@ class IterativeMethod(Method):
                     task.writer.add_scalar(f"distill/{k}", v, it)
                 if task.log_images_every and (it % task.log_images_every == 0 or it == n - 1):
                     self.log_images(task, state, it)
-            if task.checkpoint_path and task.checkpoint_every and (it + 1) % task.checkpoint_every == 0 and it + 1 < n:
+            if task.checkpoint_path and it + 1 < n and (
+                    (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0)
+                    or (task.checkpoint_minutes and time.monotonic() - last_save >= 60 * task.checkpoint_minutes)):
                 self.save_checkpoint(task, state, it + 1)
+                last_save = time.monotonic()
             if bar is not None:
                 bar.update(1)
                 if "loss" in scalars:

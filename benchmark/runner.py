@@ -17,6 +17,8 @@ import traceback
 from .errors import BenchmarkError
 from .suites import Cell, Suite
 
+CHECKPOINT_MINUTES = 10  # a cell also checkpoints every 10 minutes of wall time: an abrupt stop loses at most that
+
 
 class RunPaths:
     def __init__(self, run_root, suite_name):
@@ -96,7 +98,8 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     writer = make_writer(paths.tensorboard if log else None, cell.key)
     every = max(1, getattr(method.config, "iterations", 10) // 10)
     task = Task(ds, cell.ipc, cell.seed, device, writer, os.path.join(paths.checkpoints, cell.key + ".pt"),
-                checkpoint_every=every, log_images_every=every if writer is not None else 0)
+                checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
+                log_images_every=every if writer is not None else 0)
     t0 = time.perf_counter()
     synset = method.distill(task)
     t_distill = time.perf_counter() - t0

@@ -85,6 +85,27 @@ def test_deterministic_and_resume_equals_uninterrupted(digits, task_of, tmp_path
     assert torch.equal(resumed.images, a.images)
 
 
+def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
+    """checkpoint_minutes saves on wall time alone (an abrupt stop loses at most that much), and resumes exactly."""
+    from benchmark.synthetic import safe_load
+    full = create_method("dc", None, TINY).distill(task_of(digits, 1, 1))
+    ck = str(tmp_path / "run.ckpt")
+    m = create_method("dc", None, TINY)
+    orig, seen = m.iteration, []
+
+    def crash_third(task, state, it, gen):
+        seen.append(it)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return orig(task, state, it, gen)
+    m.iteration = crash_third
+    with pytest.raises(KeyboardInterrupt):
+        m.distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_minutes=1e-9))
+    assert safe_load(ck)["next_iteration"] == 2  # saved after iterations 0 and 1, no iteration count given
+    resumed = create_method("dc", None, TINY).distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_minutes=1e-9))
+    assert torch.equal(resumed.images, full.images)
+
+
 def test_pdd_stages_leave_earlier_stages_untouched(digits, task_of):
     over = TINY + ["stages=2", "iterations=2", "condition_epochs=1"]
     m = create_method("pdd-dc", None, over)
