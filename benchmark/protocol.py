@@ -39,6 +39,8 @@ class MatchingStep:
     inner_data -> 'synthetic' (S_inner = S: explicit term only) or 'real' (S_inner = D: implicit term too).
     instance_loss(x, y) -> per-instance inner-training losses at theta_t (only for inner_data='real'); the Hessian H
         of their mean over the step's real batches is the one the implicit term inverts.
+    instance_outputs(x), output_loss(z, y) -> the network's outputs (logits) and the per-instance loss of outputs, with
+        instance_loss(x, y) = output_loss(instance_outputs(x), y): what the Gauss-Newton curvature needs (optional).
     """
     iteration: int
     params: List[torch.Tensor]
@@ -49,6 +51,8 @@ class MatchingStep:
     inner_data: str = "synthetic"
     instance_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     train_params: Optional[List[torch.Tensor]] = None
+    instance_outputs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    output_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     writer: object = None
     local_step: int = 0      # index of this matching step within the iteration (0 = first)
 

@@ -1,9 +1,14 @@
 """Hessian-vector products and inverse-Hessian-vector products (iHVP) for the implicit influence term.
 
-All solvers return h ~= (H + damping * I)^{-1} v for a list of parameter-shaped tensors v. H is the Hessian of a
-scalar loss with respect to `params`; HVPs are exact (double backward through one retained gradient graph).
-A network mid-training has an indefinite H; damping (default 0.01) keeps H + damping*I better conditioned, and CG
-stops and reports if it meets a direction of non-positive curvature.
+All solvers return h ~= (C + damping * I)^{-1} v for a list of parameter-shaped tensors v, where the curvature C is
+either
+- 'hessian': H, the exact Hessian of a scalar loss with respect to `params` (double backward through one retained
+  gradient graph). A network mid-training has an indefinite H: CG meets negative curvature and cg_adaptive raises
+  the damping until it does not, which can leave (H + damping I)^{-1} close to a scaled identity; or
+- 'gauss-newton': G = J^T H_z J, the generalised Gauss-Newton matrix (J = d outputs / d params, H_z = the Hessian of
+  the loss in the network's outputs; for softmax cross-entropy diag(p) - p p^T per instance). G is positive
+  semi-definite at every theta, so CG converges at the requested damping; it equals H for a model linear in its
+  parameters and approximates it near a minimum (Martens 2020). Products cost a double backward plus a backward.
 
 Solvers: 'cg' (default; relative-residual stop), 'lissa' (Agarwal et al. 2017; needs scale > top eigenvalue of
 H + damping*I, detects NaN/divergence), 'exact' (dense Hessian, tiny models and tests only), 'identity' (H = I:
@@ -34,6 +39,33 @@ class SolveInfo:
     converged: bool = True
     note: str = ""
     damping: float = 0.0      # the damping the returned solution is for (CG may have raised it)
+
+
+class GaussNewtonVP:
+    """v -> (G + damping I) v for the generalised Gauss-Newton matrix G of loss_of_outputs(outputs(params)).
+
+    Jv by the double-vjp trick: J^T u is linear in a dummy u, so d<J^T u, v>/du = J v; the graph of J^T u is built
+    once and shared by all products. Then H_z (Jv) by a double backward through the (cheap) loss in output space,
+    and J^T (H_z J v) by one backward through the retained forward graph."""
+
+    def __init__(self, outputs, loss_of_outputs, params, damping=0.0):
+        self.params = list(params)
+        self.outputs = outputs
+        self.u = torch.zeros_like(outputs, requires_grad=True)
+        jtu = torch.autograd.grad(outputs, self.params, grad_outputs=self.u, create_graph=True, allow_unused=True)
+        self.used = [i for i, g in enumerate(jtu) if g is not None]  # parameters the outputs depend on
+        self.jtu = [jtu[i] for i in self.used]
+        self.z = outputs.detach().requires_grad_(True)
+        (self.dz,) = torch.autograd.grad(loss_of_outputs(self.z), self.z, create_graph=True)
+        self.damping = damping
+        self.calls = 0
+
+    def __call__(self, v):
+        self.calls += 1
+        (jv,) = torch.autograd.grad(self.jtu, self.u, grad_outputs=[v[i] for i in self.used], retain_graph=True)
+        (hjv,) = torch.autograd.grad(self.dz, self.z, grad_outputs=jv, retain_graph=True)
+        gv = torch.autograd.grad(self.outputs, self.params, grad_outputs=hjv, retain_graph=True, allow_unused=True)
+        return [(torch.zeros_like(vi) if g is None else g.detach()) + self.damping * vi for g, vi in zip(gv, v)]
 
 
 class HVP:
@@ -104,6 +136,19 @@ def lissa_solve(hvp, v, scale=10.0, depth=1000, tol=1e-4, check_every=10):
     return [t / scale for t in h], info
 
 
+def dense_solve(op, v):
+    """Materialise a curvature operator column by column (op(e_i)) and solve: tiny models only."""
+    sizes = [t.numel() for t in v]
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    eye = torch.eye(flat_v.numel(), dtype=flat_v.dtype, device=flat_v.device)
+    cols = []
+    for e in eye:
+        col = op([part.view_as(t) for part, t in zip(e.split(sizes), v)])
+        cols.append(torch.cat([c.reshape(-1) for c in col]))
+    sol = torch.linalg.solve(torch.stack(cols, 1), flat_v)
+    return [part.view_as(t) for part, t in zip(sol.split(sizes), v)], SolveInfo("exact")
+
+
 def exact_solve(loss_fn, params, v, damping=0.0):
     """Dense Hessian of loss_fn() wrt params, then a linear solve. Tiny models only (the tests' reference)."""
     params = list(params)
@@ -136,6 +181,7 @@ class SolverConfig:
     damping_growth: float = 10.0  # CG on non-positive curvature: damping x this, restart (Levenberg-Marquardt style)
     max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
     hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
+    curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs)
     notes: list = field(default_factory=list)
 
 
@@ -160,16 +206,32 @@ def cg_adaptive(hvp, v, cfg: SolverConfig):
         hvp.damping *= cfg.damping_growth
 
 
-def inverse_hvp(loss_fn, params, v, cfg: SolverConfig):
-    """h = (H + damping I)^{-1} v with the configured solver. Returns (h, SolveInfo)."""
+CURVATURES = ("hessian", "gauss-newton")
+
+
+def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None):
+    """h = (C + damping I)^{-1} v with the configured curvature C and solver. Returns (h, SolveInfo).
+    loss_fn() -> the scalar loss (curvature 'hessian'); outputs = (outputs_fn, loss_of_outputs) with
+    loss_fn() == loss_of_outputs(outputs_fn()) (curvature 'gauss-newton')."""
     v = [t.detach() for t in v]
+    if cfg.curvature not in CURVATURES:
+        raise InfluenceError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
     if cfg.solver == "identity":
         return [t / (1.0 + cfg.damping) for t in v], SolveInfo("identity", damping=cfg.damping)
+    if cfg.curvature == "gauss-newton":
+        if outputs is None:
+            raise InfluenceError("curvature='gauss-newton' needs the network outputs and the loss of outputs "
+                                 "(MatchingStep.instance_outputs / output_loss); use curvature='hessian'")
+        hvp = GaussNewtonVP(outputs[0](), outputs[1], params, cfg.damping)
     if cfg.solver == "exact":
-        h, info = exact_solve(loss_fn, params, v, cfg.damping)
+        if cfg.curvature == "gauss-newton":
+            h, info = dense_solve(hvp, v)
+        else:
+            h, info = exact_solve(loss_fn, params, v, cfg.damping)
         info.damping = cfg.damping
         return h, info
-    hvp = HVP(loss_fn(), params, cfg.damping)
+    if cfg.curvature == "hessian":
+        hvp = HVP(loss_fn(), params, cfg.damping)
     if cfg.solver == "cg":
         return cg_adaptive(hvp, v, cfg)
     if cfg.solver == "lissa":

@@ -26,7 +26,7 @@ from benchmark.method import NonFiniteError
 from benchmark.protocol import WeightedMatching, uniform_weights
 from benchmark.registry import register_method
 
-from .ihvp import SolverConfig
+from .ihvp import CURVATURES, SolverConfig
 from .scores import step_scores
 
 
@@ -36,6 +36,7 @@ class IWDOptions:
     standardize: bool = True      # z-score scores within a group before the softmax
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
     solver: str = "cg"            # inverse-HVP solver: cg | lissa | exact | identity
+    curvature: str = "hessian"    # implicit term's H: hessian (exact, indefinite mid-training) | gauss-newton (PSD)
     damping: float = 0.01
     solver_max_iter: int = 20
     solver_tol: float = 1e-4
@@ -72,6 +73,8 @@ def _validate(self):
         raise BenchmarkError(f"implicit must be auto, on or off (got {self.implicit!r})")
     if self.solver not in ("cg", "lissa", "exact", "identity"):
         raise BenchmarkError(f"unknown solver {self.solver!r} (cg, lissa, exact, identity)")
+    if self.curvature not in CURVATURES:
+        raise BenchmarkError(f"unknown curvature {self.curvature!r} ({', '.join(CURVATURES)})")
 
 
 def iwd_config(base_config):
@@ -99,7 +102,7 @@ def influence_weighted(cls=None, *, name=None):
             # it can fall again); each iteration (a fresh network) starts from c.damping: resume stays exact
             damping = max(c.damping, getattr(self, "_damping_now", 0.0))
             return SolverConfig(solver=c.solver, damping=damping, max_iter=c.solver_max_iter, tol=c.solver_tol,
-                                lissa_scale=c.lissa_scale, hessian_batch=c.hessian_batch)
+                                lissa_scale=c.lissa_scale, hessian_batch=c.hessian_batch, curvature=c.curvature)
 
         def instance_weights(self, step):
             c = self.config

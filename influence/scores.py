@@ -10,7 +10,7 @@ that is a double backward through the real batch).
 
 Implicit term (eq. 25, inner training on real data): u_j = -H^{-1} grad l_j, so
 I_j(implicit) = <g_M, u_j> = -<H^{-1} g_M, grad l_j>, with g_M the total derivative of M wrt theta (through both
-statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step, shared by the whole batch; then all
+statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step (H: the exact Hessian, or its Gauss-Newton approximation), shared by the whole batch; then all
 <h, grad l_j> at once through the same weight-leaf trick (d/dw of <h, grad sum_i w_i l_i>).
 """
 import torch
@@ -60,7 +60,10 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None):
     if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
         rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device)
         xh, yh = x[rows], y[rows]
-    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver)
+    outputs = None
+    if step.instance_outputs is not None and step.output_loss is not None:
+        outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
+    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs)
     w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
     grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
     dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))

@@ -120,7 +120,9 @@ class GradientMatching(WeightedMatching, IterativeMethod):
                             inner_data=self.inner_data, writer=task.writer,
                             train_params=[p for p in net.parameters() if p.requires_grad])
         if self.inner_data == "real":  # the network trains on real data: per-instance CE at theta_t (un-augmented)
-            step.instance_loss = lambda x, y: F.cross_entropy(net(x), y, reduction="none")
+            step.instance_outputs = net
+            step.output_loss = lambda z, y: F.cross_entropy(z, y, reduction="none")
+            step.instance_loss = lambda x, y: step.output_loss(net(x), y)
         return step
 
     # ------------------------------------------------------------------------------------------------------------

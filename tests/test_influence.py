@@ -106,6 +106,60 @@ def test_cg_raises_damping_on_indefinite_hessian():
     assert not info.converged and info.solver == "identity" and torch.allclose(h[0], v / 0.1)
 
 
+def test_gauss_newton_product_against_dense_jacobian():
+    """GaussNewtonVP v = J^T H_z J v with J from torch.autograd.functional.jacobian and H_z = (diag p - p p^T)/N, on a
+    small tanh MLP where the Hessian is indefinite but the Gauss-Newton matrix is PSD."""
+    from torch.autograd.functional import jacobian
+    from influence.ihvp import GaussNewtonVP
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    y = torch.arange(9) % 3
+    W1 = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W2 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)  # a parameter the outputs do not depend on
+    params = [W1, unused, W2]
+    f = lambda a, b: torch.tanh(X @ a) @ b  # noqa: E731
+    J = torch.cat([j.reshape(9 * 3, -1) for j in jacobian(f, (W1, W2))], 1)  # (N*C, P) without `unused`
+    p = torch.softmax(f(W1, W2), 1).detach()
+    Hz = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p]) / 9
+    G = J.T @ Hz @ J
+    op = GaussNewtonVP(f(W1, W2), lambda z: F.cross_entropy(z, y), params, damping=0.3)
+    for k in range(3):
+        v = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in params]
+        got = op(v)
+        vv = torch.cat([v[0].reshape(-1), v[2].reshape(-1)])
+        want = G @ vv + 0.3 * vv
+        assert torch.allclose(torch.cat([got[0].reshape(-1), got[2].reshape(-1)]), want, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(got[1], 0.3 * v[1])  # zero curvature in an unused parameter: damping only
+    assert torch.linalg.eigvalsh(G).min() > -1e-12
+    loss = lambda: F.cross_entropy(f(W1, W2), y)  # noqa: E731
+    gr = torch.autograd.grad(loss(), (W1, W2), create_graph=True)
+    gflat = torch.cat([t.reshape(-1) for t in gr])
+    H = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(gflat[i], (W1, W2), retain_graph=True)])
+                     for i in range(len(gflat))])
+    assert torch.linalg.eigvalsh(H).min() < -1e-6  # the exact Hessian is indefinite here: what GN avoids
+
+
+def test_gauss_newton_equals_hessian_for_a_linear_model():
+    """Softmax regression is linear in its parameters, so G = H: CG on the Gauss-Newton operator must solve the
+    exact-Hessian system, with no damping raised; the dense 'exact' GN solve agrees too."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(20) % 4
+    W = (0.1 * torch.randn(6, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    loss = lambda: F.cross_entropy(X @ W, y)  # noqa: E731
+    outputs = (lambda: X @ W, lambda z: F.cross_entropy(z, y))
+    v = [torch.randn(6, 4, generator=g, dtype=torch.float64)]
+    ref, _ = inverse_hvp(loss, [W], v, SolverConfig("exact", damping=0.01))
+    cg, info = inverse_hvp(loss, [W], v, SolverConfig("cg", damping=0.01, max_iter=200, tol=1e-12,
+                                                      curvature="gauss-newton"), outputs)
+    assert info.converged and info.damping == 0.01 and torch.allclose(cg[0], ref[0], rtol=1e-7, atol=1e-9)
+    dense, _ = inverse_hvp(loss, [W], v, SolverConfig("exact", damping=0.01, curvature="gauss-newton"), outputs)
+    assert torch.allclose(dense[0], ref[0], rtol=1e-9, atol=1e-11)
+    with pytest.raises(Exception, match="needs the network outputs"):
+        inverse_hvp(loss, [W], v, SolverConfig("cg", curvature="gauss-newton"))
+
+
 def test_implicit_scores_match_dense_hessian(digits64, task_of):
     """-<(H + damping I)^{-1} g_M, grad l_j> against a dense Hessian and a per-sample backward loop."""
     m, step = _dc_step(digits64, task_of, "idc", ["network=ConvNetD1"])
@@ -148,6 +202,36 @@ def test_implicit_scores_match_dense_hessian(digits64, task_of):
     if torch.linalg.eigvalsh(H + damping * torch.eye(len(g), dtype=H.dtype)).min() > 0:
         cg, _ = implicit_scores(step, w0, SolverConfig("cg", damping=damping, max_iter=500, tol=1e-10))
         assert torch.allclose(torch.cat(cg), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_implicit_scores_with_gauss_newton_match_dense_jacobian(digits64, task_of):
+    """The implicit term with curvature='gauss-newton' on a real IDC step: -<(G + damping I)^{-1} g_M, grad l_j> with
+    G = J^T H_z J from a dense Jacobian of the network (torch.func.jacrev) on the step's Hessian rows."""
+    m, step = _dc_step(digits64, task_of, "idc", ["network=ConvNetD1"])
+    w0 = uniform_weights(step)
+    net = step.instance_outputs
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = step.train_params
+    x = torch.cat([b.x for b in step.batches])
+    y = torch.cat([b.y for b in step.batches])
+    rows = torch.linspace(0, len(y) - 1, 7).round().long()
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    jac = torch.func.jacrev(lambda *ps: torch.func.functional_call(net, dict(zip(names, ps)), (x[rows],)),
+                            argnums=tuple(range(len(params))))(*[p.detach() for p in params])
+    n, c = len(rows), 10
+    J = torch.cat([j.reshape(n * c, -1) for j in jac], 1)
+    p = torch.softmax(net(x[rows]), 1).detach()
+    G = J.T @ (torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p]) / n) @ J
+    damping = 0.1
+    total = sum(step.distance(step.syn_stats[k], step.real_statistic(k, w0[k], True)) for k in range(len(w0)))
+    g_m = flat(torch.autograd.grad(total, params, retain_graph=True))
+    h = torch.linalg.solve(G + damping * torch.eye(len(g_m), dtype=G.dtype), g_m)
+    expected = torch.stack([-(h @ flat(torch.autograd.grad(step.instance_loss(x[j:j + 1], y[j:j + 1]).sum(), params)))
+                            for j in range(len(y))])
+    got, info = implicit_scores(step, w0, SolverConfig("cg", damping=damping, max_iter=500, tol=1e-11,
+                                                       hessian_batch=7, curvature="gauss-newton"))
+    assert info.converged and info.damping == damping  # PSD: no damping raised
+    assert torch.allclose(torch.cat(got), expected, rtol=1e-5, atol=1e-8)
 
 
 def test_influence_predicts_retraining_logistic_regression(digits64):
