@@ -169,6 +169,8 @@ def test_bench_quick_smoke_writes_report(tmp_path):
     assert all("error" not in r for r in sec["allocator"])
     assert "default" in sec["allocator"][0]["mode"] and "tuned" in sec["allocator"][1]["mode"]
     assert sec["memory"][0]["growth_after_2_mb"] < 50
+    gn = [r for r in sec["ihvp"] if r["curvature"] == "gauss-newton"]
+    assert gn and gn[0]["damping"] == 0.01  # PSD: CG never has to raise the damping
     md = open(tmp_path / "bench.md").read()
     assert "Explicit influence scores" in md and res["machine"]["commit"] in md
     bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
