@@ -36,7 +36,8 @@ class IWDOptions:
     standardize: bool = True      # z-score scores within a group before the softmax
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
     solver: str = "cg"            # inverse-HVP solver: cg | lissa | exact | identity
-    curvature: str = "hessian"    # implicit term's H: hessian (exact, indefinite mid-training) | gauss-newton (PSD)
+    curvature: str = "gauss-newton"  # implicit term's curvature: gauss-newton (PSD; default) | hessian (the exact H:
+                                     # indefinite mid-training, CG then raises damping until it is nearly identity)
     damping: float = 0.01
     solver_max_iter: int = 20
     solver_tol: float = 1e-4

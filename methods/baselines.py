@@ -95,7 +95,8 @@ def herding_select(features, k):
 class Herding(Method):
     """Per class, herding on the features (output of the last conv block, flattened) of a trained ConvNet."""
     Config = HerdingConfig
-    presets = {"quick": {"feature_epochs": 10, "network": "ConvNetD2"}, "cpu": {"feature_epochs": 10}}
+    presets = {"quick": {"feature_epochs": 10, "network": "ConvNetD2"},
+               "cpu": {"feature_epochs": 10, "network": "ConvNetW32"}}  # width 32 like the cpu distillation presets
 
     def distill(self, task):
         ds = task.dataset
