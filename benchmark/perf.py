@@ -252,6 +252,50 @@ def section_ihvp(s, ds):
     return rows
 
 
+def section_curvature(s, ds):
+    """Not a timing: how much the implicit scores of one IDC step depend on the curvature. Spearman correlations of
+    the per-instance implicit scores against the converged Gauss-Newton solution (CG to 1e-6) and against the
+    identity solver (TracIn-like), on a fresh network and after 200 SGD steps on real data."""
+    from scipy.stats import spearmanr
+
+    from influence import SolverConfig, implicit_scores
+
+    from .method import Task
+    from .protocol import uniform_weights
+    from .registry import create_method
+    m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu")
+    task = Task(ds, 10, 0, s.device)
+    gen = torch.Generator().manual_seed(0)
+    net = m.fresh_net(task, 0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    syn = {c: (ds.x_train[ds.class_indices[c][:10]].to(s.device) + 0.1, torch.full((10,), c, device=s.device))
+           for c in range(ds.num_classes)}
+    solvers = {"gauss-newton, CG to 1e-6": SolverConfig("cg", 0.01, 500, 1e-6, curvature="gauss-newton"),
+               "gauss-newton, CG 20 (default)": SolverConfig("cg", 0.01, 20, 1e-4, curvature="gauss-newton"),
+               "hessian, CG 20, adaptive damping": SolverConfig("cg", 0.01, 20, 1e-4, curvature="hessian"),
+               "identity (TracIn-like)": SolverConfig("identity", 0.0)}
+    rows = []
+    for phase, steps in (("fresh network", 0), ("after 200 SGD steps", 200)):
+        for _ in range(steps):
+            idx = torch.randint(len(ds.y_train), (128,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(net(ds.x_train[idx].to(s.device)), ds.y_train[idx].to(s.device)).backward()
+            opt.step()
+        step = m.build_step(task, net, m.matching_params(net), syn, gen, 0)
+        w0 = uniform_weights(step)
+        scores = {}
+        for name, cfg in solvers.items():
+            cfg.hessian_batch = 128
+            sc, info = implicit_scores(step, w0, cfg)
+            scores[name] = (torch.cat(sc).cpu(), info)
+        ref, ident = scores["gauss-newton, CG to 1e-6"][0], scores["identity (TracIn-like)"][0]
+        for name, (sc, info) in scores.items():
+            rows.append({"network": phase, "solver": name, "damping": info.damping, "iterations": info.iterations,
+                         "residual": info.residual, "spearman_vs_converged_gn": float(spearmanr(sc, ref)[0]),
+                         "spearman_vs_identity": float(spearmanr(sc, ident)[0])})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation training and test throughput
 
@@ -390,7 +434,7 @@ def section_memory(s, ds):
 
 
 SECTIONS = {"peak": section_peak, "iterations": section_iterations, "explicit": section_explicit,
-            "ihvp": section_ihvp, "evaluation": section_evaluation, "allocator": section_allocator,
+            "ihvp": section_ihvp, "curvature": section_curvature, "evaluation": section_evaluation, "allocator": section_allocator,
             "dc_vs_plain": section_dc_vs_plain, "memory": section_memory}
 
 
@@ -474,6 +518,13 @@ def report_markdown(res, command):
                                        ("batch", "batch"), ("s", "s"), ("iterations", "iterations"),
                                        ("rel. residual", "residual"), ("converged", "converged"),
                                        ("damping used", "damping"), ("note", "note")]), ""]
+    if "curvature" in sec:
+        lines += ["## Implicit scores vs curvature (one IDC step, IPC 10; Spearman of per-instance scores, not a "
+                  "timing)", "",
+                  _table(sec["curvature"], [("network", "network"), ("solver", "solver"), ("damping used", "damping"),
+                                            ("CG iterations", "iterations"), ("rel. residual", "residual"),
+                                            ("vs converged Gauss-Newton", "spearman_vs_converged_gn"),
+                                            ("vs identity", "spearman_vs_identity")]), ""]
     if "evaluation" in sec:
         e = sec["evaluation"]
         lines += ["## Evaluation", "", f"Training one ConvNet-3 on an IPC-10 set (random real images) with protocol "

@@ -160,7 +160,7 @@ def test_bench_quick_smoke_writes_report(tmp_path):
     """`run.py bench --quick` end to end on digits (a smoke check: no timing is asserted). The per-sample-loop
     baseline must agree with the O(1) influence path; the allocator probes run in subprocesses."""
     out = _cli("bench", "--quick", "-d", "digits", "--repeats", "1", "--out", str(tmp_path),
-               "--sections", "peak,explicit,ihvp,evaluation,allocator,memory")
+               "--sections", "peak,explicit,ihvp,curvature,evaluation,allocator,memory")
     assert out.returncode == 0, out.stderr
     res = json.load(open(tmp_path / "bench.json"))
     sec = res["sections"]
@@ -171,6 +171,8 @@ def test_bench_quick_smoke_writes_report(tmp_path):
     assert sec["memory"][0]["growth_after_2_mb"] < 50
     gn = [r for r in sec["ihvp"] if r["curvature"] == "gauss-newton"]
     assert gn and gn[0]["damping"] == 0.01  # PSD: CG never has to raise the damping
+    curv = {(r["network"], r["solver"]): r for r in sec["curvature"]}
+    assert len(curv) == 8 and all(-1 <= r["spearman_vs_identity"] <= 1 for r in curv.values())
     md = open(tmp_path / "bench.md").read()
     assert "Explicit influence scores" in md and res["machine"]["commit"] in md
     bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
