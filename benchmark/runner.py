@@ -93,6 +93,7 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     if threads:
         torch.set_num_threads(threads)
     paths = RunPaths(run_root, suite.name)
+    paths.ensure()  # a Ray worker on another machine may not have the run root yet
     ds = get_dataset(cell.dataset, data_root or suite.data_root or None)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if log else None, cell.key)
@@ -100,13 +101,23 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     task = Task(ds, cell.ipc, cell.seed, device, writer, os.path.join(paths.checkpoints, cell.key + ".pt"),
                 checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
                 log_images_every=every if writer is not None else 0)
-    t0 = time.perf_counter()
-    synset = method.distill(task)
-    t_distill = time.perf_counter() - t0
-    synset.save(os.path.join(paths.sets, cell.key + ".pt"))
+    set_path = os.path.join(paths.sets, cell.key + ".pt")
+    synset = _distilled_before(set_path, method)  # a stop during evaluation must not cost the distillation
+    if synset is None:
+        t0 = time.perf_counter()
+        synset = method.distill(task)
+        synset.metadata["distill_seconds"] = time.perf_counter() - t0
+        synset.save(set_path)
+    t_distill = synset.metadata.get("distill_seconds", 0.0)
+    progress_path = os.path.join(paths.checkpoints, cell.key + ".eval.json")
+    progress = _read_json(progress_path) or {}
     evals = {}
     for net in suite.eval_networks:
-        evals[net] = evaluate(synset, ds, suite.protocol, net, suite.num_eval, seed=cell.seed, device=device)
+        def save_progress(state, net=net):
+            progress[net] = state
+            write_json_atomic(progress_path, progress)
+        evals[net] = evaluate(synset, ds, suite.protocol, net, suite.num_eval, seed=cell.seed, device=device,
+                              resume=progress.get(net), on_model=save_progress)
     main = evals[suite.eval_networks[0]]
     record = {
         "key": cell.key, "suite": suite.name, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
@@ -135,9 +146,32 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
         writer.add_scalar("hparam/accuracy", main["mean"], 0)
         writer.close()
     write_json_atomic(paths.record(cell), record)
-    if os.path.exists(paths.failed(cell)):
-        os.remove(paths.failed(cell))
+    for done in (paths.failed(cell), progress_path):
+        if os.path.exists(done):
+            os.remove(done)
     return record
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _distilled_before(path, method):
+    """The cell's set from an earlier run that stopped after distilling, if its config is the current one."""
+    from .synthetic import SyntheticSet
+    if not os.path.exists(path):
+        return None
+    try:
+        synset = SyntheticSet.load(path)
+    except BenchmarkError:
+        return None  # damaged: distil again
+    same = json.dumps(synset.metadata.get("config"), sort_keys=True, default=str) == \
+        json.dumps(dataclasses.asdict(method.config), sort_keys=True, default=str)
+    return synset if same else None
 
 
 def corruption_stats(ds, synset):

@@ -106,24 +106,31 @@ def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=
 
 
 def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, seed=0, device="cpu",
-             progress=False, net_kwargs=None):
-    """Train `num_eval` fresh networks on the set and test them. Returns a result dict with every detail."""
+             progress=False, net_kwargs=None, resume=None, on_model=None):
+    """Train `num_eval` fresh networks on the set and test them. Returns a result dict with every detail.
+    resume: {"accuracies": [...], "seconds": s} of models already evaluated (network i always has the seed
+    seed * 1000 + 17 + i, so resuming gives exactly the uninterrupted result); on_model(same dict) is called after
+    each network, for a caller that persists progress."""
     synset.check_fits(dataset)
     proto = resolve_protocol(protocol, synset)
     stages = synset.stage_data(dataset)
     t0 = time.perf_counter()
-    accs = []
-    it = range(num_eval)
+    accs = list((resume or {}).get("accuracies", []))[:num_eval]
+    before = float((resume or {}).get("seconds", 0.0))
+    it = range(len(accs), num_eval)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"evaluate {proto.name} {network}", leave=False)
     for i in it:
         accs.append(train_and_test(dataset, stages, proto, network, seed=seed * 1000 + 17 + i, device=device,
                                    net_kwargs=net_kwargs))
+        if on_model is not None:
+            on_model({"accuracies": list(accs), "seconds": before + time.perf_counter() - t0})
     t = torch.tensor(accs, dtype=torch.float64)
     return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
             "num_eval": num_eval, "network": network, "protocol": dataclasses.asdict(proto),
-            "staged": len(stages) > 1, "train_images": int(len(stages[-1][1])), "seconds": time.perf_counter() - t0}
+            "staged": len(stages) > 1, "train_images": int(len(stages[-1][1])),
+            "seconds": before + time.perf_counter() - t0}
 
 
 def evaluate_full(dataset, protocol="full", network="ConvNet", num_eval=5, seed=0, device="cpu"):

@@ -75,6 +75,37 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path):
     assert len(failed) == 1 and "iteration" in json.load(open(failed[0]))["error"]
 
 
+def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_path, monkeypatch):
+    """Interrupted after one of two evaluation networks: the rerun neither distils again nor retrains network 0,
+    and ends with exactly the accuracies of an uninterrupted run."""
+    import evaluation.harness as harness
+    from benchmark.method import IterativeMethod
+    from benchmark.runner import run_cell
+    suite = _suite(tmp_path, methods=["dc"])
+    cell = suite.cells()[0]
+    fresh = run_cell(suite, cell, str(tmp_path / "fresh"), log=False)
+    runs = str(tmp_path / "runs")
+    real_train, trained = harness.train_and_test, []
+
+    def stop_at_second(*a, **kw):
+        trained.append(kw["seed"])
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        return real_train(*a, **kw)
+    monkeypatch.setattr(harness, "train_and_test", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(suite, cell, runs, log=False)
+    assert os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
+    trained.clear()
+    monkeypatch.setattr(harness, "train_and_test", lambda *a, **kw: trained.append(kw["seed"]) or real_train(*a, **kw))
+    monkeypatch.setattr(IterativeMethod, "distill", lambda *a: pytest.fail("distilled again"))
+    rec = run_cell(suite, cell, runs, log=False)
+    assert trained == [18]  # network 1 only (network i has the seed seed * 1000 + 17 + i)
+    assert rec["accuracy"]["accuracies"] == fresh["accuracy"]["accuracies"]
+    assert rec["distill_seconds"] > 0
+    assert not os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
+
+
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
