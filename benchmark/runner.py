@@ -102,22 +102,26 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
                 checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
                 log_images_every=every if writer is not None else 0)
     set_path = os.path.join(paths.sets, cell.key + ".pt")
+    progress_path = os.path.join(paths.checkpoints, cell.key + ".eval.json")
     synset = _distilled_before(set_path, method)  # a stop during evaluation must not cost the distillation
     if synset is None:
+        if os.path.exists(progress_path):
+            os.remove(progress_path)  # evaluations of another set
         t0 = time.perf_counter()
         synset = method.distill(task)
         synset.metadata["distill_seconds"] = time.perf_counter() - t0
         synset.save(set_path)
     t_distill = synset.metadata.get("distill_seconds", 0.0)
-    progress_path = os.path.join(paths.checkpoints, cell.key + ".eval.json")
     progress = _read_json(progress_path) or {}
     evals = {}
     for net in suite.eval_networks:
-        def save_progress(state, net=net):
-            progress[net] = state
+        key = f"{net} | {suite.protocol}"  # networks trained under another protocol are not reused
+
+        def save_progress(state, key=key):
+            progress[key] = state
             write_json_atomic(progress_path, progress)
         evals[net] = evaluate(synset, ds, suite.protocol, net, suite.num_eval, seed=cell.seed, device=device,
-                              resume=progress.get(net), on_model=save_progress)
+                              resume=progress.get(key), on_model=save_progress)
     main = evals[suite.eval_networks[0]]
     record = {
         "key": cell.key, "suite": suite.name, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
