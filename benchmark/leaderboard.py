@@ -142,8 +142,8 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         f"preset `{suite.preset}`; evaluation protocol(s) {', '.join(protos)} on {', '.join(eval_nets)}",
         f"- seeds: {seeds}; methods: {len(rows)} rows; cells: {len(records)}",
         f"- commit(s) {', '.join(sorted({str(r.get('commit', '?')) for r in records}))}; torch {prov.get('torch', '?')}; "
-        f"hardware {prov.get('hardware', '?')}, "
-        f"{prov.get('threads', '?')} threads",
+        f"hardware {', '.join(sorted({str(r.get('hardware', '?')) for r in records}) or ['?'])}, "
+        f"{'/'.join(sorted({str(r.get('threads', '?')) for r in records})) or '?'} torch threads",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}"
         + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
         f"- command: `{command}`",
