@@ -268,8 +268,11 @@ def _write_table(s, run_root, results_root, command=None):
         return None
     wall = sum(r["distill_seconds"] + r["eval_seconds"] for r in recs)
     out = os.path.join(results_root, s.name)
+    from benchmark.datasets import get_dataset
     from benchmark.figures import suite_figures
-    suite_figures(recs, out, s.eval_networks)
+    from benchmark.runner import RunPaths
+    suite_figures(recs, out, s.eval_networks, RunPaths(run_root, s.name).sets,
+                  lambda name: get_dataset(name, s.data_root or None))
     figs = sorted(os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))) \
         if os.path.isdir(os.path.join(out, "figures")) else []
     return write_leaderboard(recs, out, s, command or COMMAND, s.methods, figs, wall)

@@ -18,18 +18,21 @@ def _save(fig, out_path):
     return out_path
 
 
-def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None):
+def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None,
+                     xlabel="influence score (positive: upweighting raises the distillation objective)"):
     """The paper's Figure 1: the distribution of per-instance influence scores of one class, with the real images
     of both tails (lowest scores left, highest right). scores: one per training instance."""
     plt = _plt()
     ix = dataset.class_indices[cls]
     s = torch.as_tensor(scores)[ix].double()
+    scored = ~torch.isnan(s)  # NaN: not scored (a tracked score for an instance never sampled)
+    ix, s = ix[scored], s[scored]
     order = s.argsort()
     low, high = ix[order[:n_tail]], ix[order.flip(0)[:n_tail]]
     fig = plt.figure(figsize=(10, 5.2))
     ax = fig.add_axes([0.08, 0.42, 0.88, 0.5])
     ax.hist(s.numpy(), bins=40, color="#4c72b0")
-    ax.set_xlabel("explicit influence score (positive: upweighting raises the distillation objective)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("instances")
     name = dataset.class_names[cls] if dataset.class_names else str(cls)
     ax.set_title(title or f"{dataset.name}, class {name}: {len(ix)} instances")
@@ -143,6 +146,7 @@ def sorted_by_influence_figure(synset, scores, dataset, out_path, n_show=12, tit
             side.set_color("red")
             side.set_linewidth(2)
         ix = dataset.class_indices[c]
+        ix = ix[~torch.isnan(scores[ix])]  # NaN: never scored
         order = ix[scores[ix].argsort()]
         picks = torch.linspace(0, len(order) - 1, n_show).round().long()
         for k, p in enumerate(picks.tolist()):
@@ -155,10 +159,38 @@ def sorted_by_influence_figure(synset, scores, dataset, out_path, n_show=12, tit
     return _save(fig, out_path)
 
 
-def suite_figures(records, out_dir, eval_networks):
+def tracked_influence_figures(records, sets_dir, dataset_of, out_dir, cls=0):
+    """Figures 1 and 5 from the influence an IWD set tracked during distillation (extras['influence']: an EMA per
+    training instance, NaN where never sampled), for the first IWD cell at the smallest IPC (iwd+dc preferred)."""
+    cells = sorted((r for r in records if r["method"].startswith("iwd+") and not r.get("variant", "").startswith("tau")
+                    and os.path.exists(os.path.join(sets_dir, r["key"] + ".pt"))),
+                   key=lambda r: (r["method"] != "iwd+dc", r["ipc"], r["dataset"], r["seed"], r["key"]))
+    if not cells:
+        return []
+    from .synthetic import SyntheticSet
+    r = cells[0]
+    syn = SyntheticSet.load(os.path.join(sets_dir, r["key"] + ".pt"))
+    inf = syn.extras.get("influence")
+    if not inf:
+        return []
+    ds = dataset_of(r["dataset"])
+    scores = torch.where(inf["count"] > 0, inf["ema"].double(), torch.tensor(float("nan"), dtype=torch.float64))
+    tag = f"{r['method'].replace('+', '-')}_ipc{r['ipc']}"
+    what = f"{r['method']} IPC {r['ipc']}, influence tracked during distillation (EMA)"
+    fig1 = os.path.join(out_dir, "figures", f"tracked_influence_{tag}_class{cls}.png")
+    fig5 = os.path.join(out_dir, "figures", f"tracked_sorted_by_influence_{tag}.png")
+    return [influence_figure(scores, ds, cls, fig1, title=f"{ds.name} class {cls}: {what}",
+                             xlabel="tracked influence (EMA over the matching steps that sampled the instance)"),
+            sorted_by_influence_figure(syn, scores, ds, fig5, title=f"{ds.name}, {what}: synthetic | real, low -> high")]
+
+
+def suite_figures(records, out_dir, eval_networks, sets_dir=None, dataset_of=None):
     """The figures a suite's records support, drawn next to its leaderboard: Figure 4a for every base whose IWD
-    variant ran at more than one tau, Figure 4b when there are several evaluation networks."""
+    variant ran at more than one tau, Figure 4b when there are several evaluation networks, and Figures 1 and 5
+    from the tracked influence of an IWD cell's set (when sets_dir and dataset_of are given)."""
     made = []
+    if sets_dir and dataset_of:
+        made += tracked_influence_figures(records, sets_dir, dataset_of, out_dir)
     bases = sorted({r["method"][4:] for r in records if r["method"].startswith("iwd+")})
     for base in bases:
         taus = {float(r["config"]["tau"]) for r in records if r["method"] == "iwd+" + base}

@@ -53,6 +53,16 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     csv_text = open(tmp_path / "results" / "leaderboard.csv").read()
     assert csv_text.startswith("method,dataset,ipc,mean,std")
     assert "\\begin{tabular}" in open(tmp_path / "results" / "leaderboard.tex").read()
+    # Figures 1 and 5 from the influence the IWD set tracked (what `run.py table` draws)
+    from benchmark.datasets import get_dataset
+    from benchmark.figures import suite_figures
+    from benchmark.runner import RunPaths
+    figs = suite_figures(recs, str(tmp_path / "results"), suite.eval_networks, RunPaths(runs, "tiny").sets,
+                         get_dataset)
+    assert sorted(os.path.basename(f) for f in figs) == ["tracked_influence_iwd-dc_ipc1_class0.png",
+                                                         "tracked_sorted_by_influence_iwd-dc_ipc1.png"]
+    for f in figs:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # TensorBoard's own reader finds the expected tags
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logdir = glob.glob(os.path.join(runs, "tiny", "tensorboard", "*iwd-plus-dc*"))[0]
