@@ -158,7 +158,7 @@ class IterativeMethod(Method):
 
     def distill(self, task):
         torch.manual_seed(task.seed)  # only for code paths that forget a generator; ours pass one explicitly
-        state, start = None, 0
+        state, start, elapsed_before, t_start = None, 0, 0.0, time.perf_counter()
         self._last_ckpt = None
         if task.checkpoint_path and os.path.exists(task.checkpoint_path):
             ck = safe_load(task.checkpoint_path)
@@ -167,6 +167,7 @@ class IterativeMethod(Method):
                                      f"({ck.get('method')}, ipc {ck.get('ipc')}, seed {ck.get('seed')}); delete it "
                                      f"or choose another --checkpoint path.")
             state, start = ck["state"], ck["next_iteration"]
+            elapsed_before = float(ck.get("elapsed_s", 0.0))
             self._last_ckpt = task.checkpoint_path
         if state is None:
             gen = torch.Generator().manual_seed(task.seed)
@@ -194,7 +195,7 @@ class IterativeMethod(Method):
             if task.checkpoint_path and it + 1 < n and (
                     (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0)
                     or (task.checkpoint_minutes and time.monotonic() - last_save >= 60 * task.checkpoint_minutes)):
-                self.save_checkpoint(task, state, it + 1)
+                self.save_checkpoint(task, state, it + 1, elapsed_before + time.perf_counter() - t_start)
                 last_save = time.monotonic()
             if bar is not None:
                 bar.update(1)
@@ -203,15 +204,17 @@ class IterativeMethod(Method):
         if bar is not None:
             bar.close()
         out = self.result(task, state)
+        # wall time of the whole distillation, across resumed segments (what a record and a table footer report)
+        out.metadata["distill_seconds"] = elapsed_before + time.perf_counter() - t_start
         if task.checkpoint_path and os.path.exists(task.checkpoint_path):
             os.remove(task.checkpoint_path)
         return out
 
-    def save_checkpoint(self, task, state, next_it):
+    def save_checkpoint(self, task, state, next_it, elapsed_s=0.0):
         tmp = f"{task.checkpoint_path}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(task.checkpoint_path)), exist_ok=True)
         torch.save({"method": self.name, "ipc": task.ipc, "seed": task.seed, "next_iteration": next_it,
-                    "state": state}, tmp)
+                    "state": state, "elapsed_s": elapsed_s}, tmp)
         os.replace(tmp, task.checkpoint_path)
         self._last_ckpt = task.checkpoint_path
 

@@ -101,9 +101,12 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
     m.iteration = crash_third
     with pytest.raises(KeyboardInterrupt):
         m.distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_minutes=1e-9))
-    assert safe_load(ck)["next_iteration"] == 2  # saved after iterations 0 and 1, no iteration count given
+    saved = safe_load(ck)
+    assert saved["next_iteration"] == 2  # saved after iterations 0 and 1, no iteration count given
     resumed = create_method("dc", None, TINY).distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_minutes=1e-9))
     assert torch.equal(resumed.images, full.images)
+    # the reported time covers both segments: the one before the stop (kept in the checkpoint) and the resumed one
+    assert 0 < saved["elapsed_s"] < resumed.metadata["distill_seconds"]
 
 
 def test_pdd_stages_leave_earlier_stages_untouched(digits, task_of):
