@@ -116,6 +116,22 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
     assert not os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
 
 
+def test_a_saved_set_is_reused_only_under_the_same_config(tmp_path, digits):
+    import dataclasses
+    from benchmark.registry import create_method
+    from benchmark.runner import _distilled_before
+    from benchmark.synthetic import SyntheticSet
+    m = create_method("dc", None, TINY_DC)
+    path = str(tmp_path / "cell.pt")
+    assert _distilled_before(path, m) is None  # nothing saved
+    SyntheticSet(digits.x_train[:10].clone(), torch.arange(10), metadata={"config": dataclasses.asdict(m.config)}
+                 ).save(path)
+    assert _distilled_before(path, m) is not None
+    assert _distilled_before(path, create_method("dc", None, TINY_DC + ["lr_img=0.5"])) is None  # config changed
+    open(path, "wb").write(b"truncated")
+    assert _distilled_before(path, m) is None  # damaged: distil again
+
+
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
