@@ -48,8 +48,6 @@ def influence_figure(scores, dataset, cls, out_path, n_tail=8, title=None,
     return _save(fig, out_path)
 
 
-
-
 def _accuracies(records, network):
     """All evaluation accuracies (percent) of the records on one evaluation network (pooled over seeds and nets)."""
     out = []
@@ -181,7 +179,8 @@ def tracked_influence_figures(records, sets_dir, dataset_of, out_dir, cls=0):
     fig5 = os.path.join(out_dir, "figures", f"tracked_sorted_by_influence_{tag}.png")
     return [influence_figure(scores, ds, cls, fig1, title=f"{ds.name} class {cls}: {what}",
                              xlabel="tracked influence (EMA over the matching steps that sampled the instance)"),
-            sorted_by_influence_figure(syn, scores, ds, fig5, title=f"{ds.name}, {what}: synthetic | real, low -> high")]
+            sorted_by_influence_figure(syn, scores, ds, fig5,
+                                       title=f"{ds.name}, {what}: synthetic | real, low -> high")]
 
 
 def suite_figures(records, out_dir, eval_networks, sets_dir=None, dataset_of=None):

@@ -179,7 +179,7 @@ class IterativeMethod(Method):
             from tqdm import tqdm
             bar = tqdm(total=n, initial=start, desc=f"{self.name} {task.dataset.name} ipc{task.ipc}", leave=False)
         gen = torch.Generator()
-        last_save = time.monotonic()
+        last_save = t_start
         for it in range(start, n):
             gen.set_state(state["rng"])
             t0 = time.perf_counter()
@@ -194,9 +194,9 @@ class IterativeMethod(Method):
                     self.log_images(task, state, it)
             if task.checkpoint_path and it + 1 < n and (
                     (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0)
-                    or (task.checkpoint_minutes and time.monotonic() - last_save >= 60 * task.checkpoint_minutes)):
-                self.save_checkpoint(task, state, it + 1, elapsed_before + time.perf_counter() - t_start)
-                last_save = time.monotonic()
+                    or (task.checkpoint_minutes and time.perf_counter() - last_save >= 60 * task.checkpoint_minutes)):
+                last_save = time.perf_counter()
+                self.save_checkpoint(task, state, it + 1, elapsed_before + last_save - t_start)
             if bar is not None:
                 bar.update(1)
                 if "loss" in scalars:

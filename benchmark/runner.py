@@ -66,11 +66,9 @@ def read_records(run_root, suite_name):
         return out
     for f in sorted(os.listdir(paths.records)):
         if f.endswith(".json") and not f.endswith(".failed.json"):
-            try:
-                with open(os.path.join(paths.records, f)) as fh:
-                    out.append(json.load(fh))
-            except (OSError, json.JSONDecodeError):
-                continue  # a foreign or damaged file is not a record; the cell will simply rerun
+            record = _read_json(os.path.join(paths.records, f))
+            if record is not None:  # a foreign or damaged file is not a record; the cell will simply rerun
+                out.append(record)
     return out
 
 
