@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import BenchmarkError
-from .synthetic import SyntheticSet, provenance, safe_load
+from .synthetic import SyntheticSet, code_commit, provenance, safe_load
 
 
 @dataclass
@@ -159,6 +159,7 @@ class IterativeMethod(Method):
     def distill(self, task):
         torch.manual_seed(task.seed)  # only for code paths that forget a generator; ours pass one explicitly
         state, start, elapsed_before, t_start = None, 0, 0.0, time.perf_counter()
+        segments = []  # (commit, first iteration) of each resumed segment: a long run may span commits
         self._last_ckpt = None
         if task.checkpoint_path and os.path.exists(task.checkpoint_path):
             ck = safe_load(task.checkpoint_path)
@@ -168,11 +169,13 @@ class IterativeMethod(Method):
                                      f"or choose another --checkpoint path.")
             state, start = ck["state"], ck["next_iteration"]
             elapsed_before = float(ck.get("elapsed_s", 0.0))
+            segments = list(ck.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
             self._last_ckpt = task.checkpoint_path
         if state is None:
             gen = torch.Generator().manual_seed(task.seed)
             state = self.init_state(task, gen)
             state["rng"] = gen.get_state()
+        segments.append({"commit": code_commit(), "from_iteration": start})
         n = self.num_iterations(task)
         bar = None
         if task.progress:
@@ -196,7 +199,7 @@ class IterativeMethod(Method):
                     (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0)
                     or (task.checkpoint_minutes and time.perf_counter() - last_save >= 60 * task.checkpoint_minutes)):
                 last_save = time.perf_counter()
-                self.save_checkpoint(task, state, it + 1, elapsed_before + last_save - t_start)
+                self.save_checkpoint(task, state, it + 1, elapsed_before + last_save - t_start, segments)
             if bar is not None:
                 bar.update(1)
                 if "loss" in scalars:
@@ -206,15 +209,17 @@ class IterativeMethod(Method):
         out = self.result(task, state)
         # wall time of the whole distillation, across resumed segments (what a record and a table footer report)
         out.metadata["distill_seconds"] = elapsed_before + time.perf_counter() - t_start
+        out.metadata["distill_segments"] = segments
         if task.checkpoint_path and os.path.exists(task.checkpoint_path):
             os.remove(task.checkpoint_path)
         return out
 
-    def save_checkpoint(self, task, state, next_it, elapsed_s=0.0):
+    def save_checkpoint(self, task, state, next_it, elapsed_s=0.0, segments=()):
         tmp = f"{task.checkpoint_path}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(task.checkpoint_path)), exist_ok=True)
         torch.save({"method": self.name, "ipc": task.ipc, "seed": task.seed, "next_iteration": next_it,
-                    "state": state, "elapsed_s": elapsed_s}, tmp)
+                    "state": state, "elapsed_s": elapsed_s,
+                    "segments": list(segments)}, tmp)
         os.replace(tmp, task.checkpoint_path)
         self._last_ckpt = task.checkpoint_path
 

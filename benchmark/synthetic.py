@@ -5,6 +5,7 @@ Stored images are in `space` "normalized" (the dataset's normalisation) or "pixe
 each stage), `lr` (a learned learning rate), `influence` (per-instance scores tracked by IWD). Files are saved as
 one .pt holding only tensors and plain Python values, and always loaded with weights_only=True (never executes code).
 """
+import functools
 import os
 import platform
 import subprocess
@@ -148,22 +149,31 @@ def safe_load(path):
                              f"recompute it.") from None
 
 
-def provenance():
-    """Commit, library versions and hardware, recorded with every result."""
-    import kornia
-
-    from . import allocator
+@functools.lru_cache(maxsize=None)
+def code_commit():
+    """The commit (with "+dirty" for uncommitted tracked changes) of the code this process imported. Asked once,
+    at import: a run lasts hours, and a commit made in the checkout meanwhile must not be credited with its result."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        if dirty:
-            commit += "+dirty"
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
+        return commit + "+dirty" if dirty and commit != "unknown" else commit
+    except Exception:  # noqa: BLE001  (no git, not a checkout: an installed wheel)
+        return "unknown"
+
+
+def provenance():
+    """Commit, library versions and hardware, recorded with every result."""
+    import kornia
+
+    from . import allocator
+    commit = code_commit()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     return {"commit": commit, "torch": str(torch.__version__), "kornia": str(kornia.__version__),
             "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",
             "threads": torch.get_num_threads(), "allocator": allocator.mode()}
+
+
+code_commit()  # pin the commit now, while the checkout still holds the code being imported

@@ -107,6 +107,21 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
     assert torch.equal(resumed.images, full.images)
     # the reported time covers both segments: the one before the stop (kept in the checkpoint) and the resumed one
     assert 0 < saved["elapsed_s"] < resumed.metadata["distill_seconds"]
+    # and names the code of each segment (a run of hours may be resumed under a later commit)
+    from benchmark.synthetic import code_commit
+    assert resumed.metadata["distill_segments"] == [{"commit": code_commit(), "from_iteration": 0},
+                                                    {"commit": code_commit(), "from_iteration": 2}]
+
+
+def test_commit_is_pinned_at_import(monkeypatch):
+    """A record names the commit of the code the process imported, not whatever the checkout holds when it ends."""
+    from benchmark import synthetic
+    pinned = synthetic.code_commit()
+
+    def later_checkout(*args, **kwargs):
+        raise AssertionError("git asked again after import")
+    monkeypatch.setattr(synthetic.subprocess, "run", later_checkout)
+    assert synthetic.provenance()["commit"] == pinned
 
 
 def test_pdd_stages_leave_earlier_stages_untouched(digits, task_of):
