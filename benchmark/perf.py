@@ -6,7 +6,8 @@ influence scores, a plain per-class DC iteration) live here, never in the librar
 
 Sections: machine and peak (matmul probe vs ConvNet-3 forward+backward), distillation iterations (each method and
 its IWD variant, with the IWD ratio and the share spent on influence), explicit influence scores (O(1) passes vs a
-per-sample loop, with their max difference), inverse-HVPs (CG, LiSSA), evaluation (one network's training on an
+per-sample loop, with their max difference), inverse-HVPs (CG, LiSSA), the implicit scores' dependence on the
+curvature and on a CG warm start, evaluation (one network's training on an
 IPC-10 set, test throughput), the allocator (glibc default / tuned / tcmalloc, in subprocesses), DC at the
 reference settings against a plain per-class implementation, and the memory of a DC IPC-10 run over iterations.
 """
@@ -298,6 +299,56 @@ def section_curvature(s, ds):
     return rows
 
 
+def section_warm_start(s, ds):
+    """Not only a timing: CG warm-started from the previous matching step's solution (IWD option warm_start) vs
+    cold CG, at k = 5, 10, 20 iterations, along the matching steps of real IWD+IDC iterations (the network trains on
+    real data between steps). Per step: Spearman of the implicit scores against CG converged to 1e-6 on the same
+    step; mean over the steps after the first (the first has nothing to start from). Then the iteration time of
+    iwd+idc at (cold, 20) and (warm, 10)."""
+    from scipy.stats import spearmanr
+
+    from influence import SolverConfig, implicit_scores
+
+    from .method import Task
+    from .registry import create_method
+    preset = "quick" if ds.image_size[0] < 16 else "cpu"
+    m = create_method("iwd+idc", preset, {"iterations": 2})
+    task = Task(ds, 10, 0, s.device)
+    c = m.config
+    cfg = lambda k, tol=c.solver_tol: SolverConfig(c.solver, c.damping, k, tol, hessian_batch=c.hessian_batch,  # noqa
+                                                   curvature=c.curvature)
+    ks = (5, 10, 20)
+    chains, rows = {k: None for k in ks}, {(k, w): [] for k in ks for w in ("cold", "warm")}
+    base_weights = m.instance_weights
+
+    def measure(step):
+        from .protocol import uniform_weights
+        w0 = uniform_weights(step)
+        ref = torch.cat(implicit_scores(step, w0, cfg(500, 1e-6))[0]).cpu()
+        for k in ks:
+            cold, info_c = implicit_scores(step, w0, cfg(k))
+            warm, info_w = implicit_scores(step, w0, cfg(k), x0=chains[k])
+            if chains[k] is not None:
+                for name, sc, info in (("cold", cold, info_c), ("warm", warm, info_w)):
+                    rows[(k, name)].append((float(spearmanr(torch.cat(sc).cpu(), ref)[0]), info.residual))
+            chains[k] = info_w.solution
+        return base_weights(step)
+
+    m.instance_weights = measure
+    gen = torch.Generator().manual_seed(0)
+    state = m.init_state(task, gen)
+    for it in range(2):
+        chains.update({k: None for k in ks})  # a fresh network each iteration: no warm start across iterations
+        m.iteration(task, state, it, gen)
+    out = [{"cg": f"{w}, {k} iterations", "steps": len(v),
+            "spearman_mean": statistics.mean(r for r, _ in v), "spearman_min": min(r for r, _ in v),
+            "residual_mean": statistics.mean(res for _, res in v)} for (k, w), v in rows.items()]
+    times = [{"cg": name, **iteration_times("iwd+idc", preset, ds, 10, s.device, s.n, over)}
+             for name, over in (("cold, 20 (default)", {}), ("warm, 10", {"warm_start": True, "solver_max_iter": 10}),
+                                ("warm, 5", {"warm_start": True, "solver_max_iter": 5}))]
+    return {"ranking": out, "iterations": times}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # evaluation training and test throughput
 
@@ -436,7 +487,8 @@ def section_memory(s, ds):
 
 
 SECTIONS = {"peak": section_peak, "iterations": section_iterations, "explicit": section_explicit,
-            "ihvp": section_ihvp, "curvature": section_curvature, "evaluation": section_evaluation,
+            "ihvp": section_ihvp, "curvature": section_curvature, "warm_start": section_warm_start,
+            "evaluation": section_evaluation,
             "allocator": section_allocator, "dc_vs_plain": section_dc_vs_plain, "memory": section_memory}
 
 
@@ -527,6 +579,14 @@ def report_markdown(res, command):
                                             ("CG iterations", "iterations"), ("rel. residual", "residual"),
                                             ("vs converged Gauss-Newton", "spearman_vs_converged_gn"),
                                             ("vs identity", "spearman_vs_identity")]), ""]
+    if "warm_start" in sec:
+        w = sec["warm_start"]
+        lines += ["## CG warm start along IWD+IDC's matching steps (Spearman of the implicit scores vs CG to 1e-6 on "
+                  "the same step; mean and min over steps)", "",
+                  _table(w["ranking"], [("CG", "cg"), ("steps", "steps"), ("mean Spearman", "spearman_mean"),
+                                        ("min Spearman", "spearman_min"), ("mean rel. residual", "residual_mean")]),
+                  "", _table(w["iterations"], [("iwd+idc CG", "cg"), ("s/iteration", "s_per_iteration"),
+                                               ("of which influence s", "influence_s")]), ""]
     if "evaluation" in sec:
         e = sec["evaluation"]
         lines += ["## Evaluation", "", f"Training one ConvNet-3 on an IPC-10 set (random real images) with protocol "

@@ -39,6 +39,7 @@ class SolveInfo:
     converged: bool = True
     note: str = ""
     damping: float = 0.0      # the damping the returned solution is for (CG may have raised it)
+    solution: list = None     # the returned h (what the next solve can warm-start from)
 
 
 class GaussNewtonVP:
@@ -83,16 +84,21 @@ class HVP:
         return [(torch.zeros_like(vi) if h is None else h.detach()) + self.damping * vi for h, vi in zip(hv, v)]
 
 
-def cg_solve(hvp, v, max_iter=20, tol=1e-4):
-    """Conjugate gradient on (H + damping I) h = v, stopping at ||r|| <= tol * ||v||."""
-    x = [torch.zeros_like(t) for t in v]
-    r = [t.clone() for t in v]
+def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None):
+    """Conjugate gradient on (H + damping I) h = v, stopping at ||r|| <= tol * ||v||. x0: the starting point (a
+    warm start: a previous, nearby system's solution; costs one extra product), zeros by default."""
+    if x0 is None:
+        x = [torch.zeros_like(t) for t in v]
+        r = [t.clone() for t in v]
+    else:
+        x = [t.detach().clone() for t in x0]
+        r = [vi - ai for vi, ai in zip(v, hvp(x))]
     p = [t.clone() for t in r]
     rs = _dot(r, r)
-    vnorm = float(rs.sqrt()) or 1.0
+    vnorm = float(_dot(v, v).sqrt()) or 1.0  # relative to ||v||, not to the (warm) start's residual
     info = SolveInfo("cg")
     for i in range(max_iter):
-        if float(rs.sqrt()) <= tol * vnorm:
+        if float(rs.sqrt()) <= tol * vnorm or rs == 0:
             break
         ap = hvp(p)
         pap = _dot(p, ap)
@@ -170,7 +176,7 @@ class SolverConfig:
     notes: list = field(default_factory=list)
 
 
-def cg_adaptive(hvp, v, cfg: SolverConfig):
+def cg_adaptive(hvp, v, cfg: SolverConfig, x0=None):
     """CG with damping raised on non-positive curvature. A network mid-training (near initialisation above all) has
     an indefinite H, and CG on an indefinite system breaks down at once (it would return 0: a silently empty
     implicit term). So the damping is multiplied by cfg.damping_growth and CG restarts, up to cfg.max_damping; the
@@ -178,7 +184,7 @@ def cg_adaptive(hvp, v, cfg: SolverConfig):
     flagged not converged."""
     requested = hvp.damping
     while True:
-        h, info = cg_solve(hvp, v, cfg.max_iter, cfg.tol)
+        h, info = cg_solve(hvp, v, cfg.max_iter, cfg.tol, x0)
         info.damping = hvp.damping
         if not info.note.startswith("non-positive curvature"):
             if hvp.damping != requested:
@@ -194,10 +200,17 @@ def cg_adaptive(hvp, v, cfg: SolverConfig):
 CURVATURES = ("hessian", "gauss-newton")
 
 
-def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None):
+def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None, x0=None):
     """h = (C + damping I)^{-1} v with the configured curvature C and solver. Returns (h, SolveInfo).
     loss_fn() -> the scalar loss (curvature 'hessian'); outputs = (outputs_fn, loss_of_outputs) with
-    loss_fn() == loss_of_outputs(outputs_fn()) (curvature 'gauss-newton')."""
+    loss_fn() == loss_of_outputs(outputs_fn()) (curvature 'gauss-newton'). x0: a CG warm start (ignored by the
+    other solvers)."""
+    h, info = _inverse_hvp(loss_fn, params, v, cfg, outputs, x0)
+    info.solution = h
+    return h, info
+
+
+def _inverse_hvp(loss_fn, params, v, cfg, outputs, x0):
     v = [t.detach() for t in v]
     if cfg.curvature not in CURVATURES:
         raise InfluenceError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
@@ -217,8 +230,10 @@ def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None):
         return h, info
     if cfg.curvature == "hessian":
         hvp = HVP(loss_fn(), params, cfg.damping)
+    if x0 is not None and any(a.shape != b.shape for a, b in zip(x0, v)):
+        raise InfluenceError("warm start x0 does not match the parameters' shapes")
     if cfg.solver == "cg":
-        return cg_adaptive(hvp, v, cfg)
+        return cg_adaptive(hvp, v, cfg, x0)
     if cfg.solver == "lissa":
         try:
             return lissa_solve(hvp, v, cfg.lissa_scale, cfg.lissa_depth, cfg.tol)

@@ -45,6 +45,9 @@ class IWDOptions:
     hessian_batch: int = 128      # real instances H is estimated on (0: the whole real batch of the step; 128
                                   # evenly spaced ones: a stochastic estimate, ~4x cheaper at IDC settings)
     track_beta: float = 0.9       # EMA factor of the per-instance score tracking
+    warm_start: bool = False      # CG starts from the previous matching step's solution (the same network a few
+                                  # SGD steps later). Measured NOT to pay (results/warm-start/bench.md: ranks worse
+                                  # than cold CG at equal iterations), so off
 
 
 def influence_weights(scores, tau, standardize=True):
@@ -110,7 +113,9 @@ def influence_weighted(cls=None, *, name=None):
             t0 = time.perf_counter()
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
             cfg = self.solver_config()
-            scores, info = step_scores(step, uniform_weights(step), cfg, implicit)
+            x0 = getattr(self, "_h_prev", None) if c.warm_start else None
+            scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0)
+            self._h_prev = info.get("solution")
             if not all(torch.isfinite(s).all() for s in scores):  # never let NaN/Inf reach the weights
                 raise NonFiniteError(
                     f"{self.name}: non-finite influence scores at iteration {step.iteration} (matching step "
@@ -155,7 +160,8 @@ def influence_weighted(cls=None, *, name=None):
             return state
 
         def iteration(self, task, state, it, gen):
-            self._iwd_state, self._iwd_stats, self._damping_now = state, {}, 0.0
+            # per-iteration solver memory (damping, warm start) starts afresh: a resumed run stays exact
+            self._iwd_state, self._iwd_stats, self._damping_now, self._h_prev = state, {}, 0.0, None
             t0 = time.perf_counter()
             out = super().iteration(task, state, it, gen)
             out.update(self._iwd_stats)

@@ -47,9 +47,10 @@ def objective_gradient(step, weights):
     return explicit_and_objective_gradient(step, weights)[1]
 
 
-def implicit_scores(step, weights, solver: SolverConfig, g_m=None):
-    """-<(H + damping I)^{-1} g_M, grad l_j> for every instance of every group (one iHVP for the whole step).
-    Returns (list of per-group score tensors, SolveInfo)."""
+def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
+    """-<(H + damping I)^{-1} g_M, grad l_j> for every instance of every group (one iHVP for the whole step; x0:
+    a CG warm start, e.g. the previous matching step's solution). Returns (list of per-group score tensors,
+    SolveInfo; info.solution is h)."""
     if step.instance_loss is None:
         raise ValueError("implicit influence needs step.instance_loss (inner training on real data)")
     x = torch.cat([b.x for b in step.batches])
@@ -63,7 +64,7 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None):
     outputs = None
     if step.instance_outputs is not None and step.output_loss is not None:
         outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
-    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs)
+    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs, x0)
     w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
     grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
     dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))
@@ -71,15 +72,15 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None):
     return list((-per_instance.detach()).split([len(b.y) for b in step.batches])), info
 
 
-def step_scores(step, weights, solver: SolverConfig = None, implicit=None):
+def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None):
     """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real
-    data (or when implicit=True). Returns (per-group scores, info dict)."""
+    data (or when implicit=True). Returns (per-group scores, info dict; info['solution']: the iHVP solution)."""
     info = {"implicit": False}
     use_implicit = (step.inner_data == "real") if implicit is None else implicit
     if not use_implicit:  # group by group: only one group's real graph alive at a time
         return [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))], info
     explicit, g_m = explicit_and_objective_gradient(step, weights)
-    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m)
-    info.update(implicit=True, solver=solve.solver, solver_iterations=solve.iterations, solver_residual=solve.residual,
+    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0)
+    info.update(implicit=True, solution=solve.solution, solver=solve.solver, solver_iterations=solve.iterations, solver_residual=solve.residual,
                 solver_converged=solve.converged, solver_note=solve.note, solver_damping=solve.damping)
     return [e + i for e, i in zip(explicit, imp)], info

@@ -80,6 +80,29 @@ def test_cg_and_lissa_match_exact_inverse():
     assert (h_ex[0] - exact).norm() / exact.norm() <= 1e-10
 
 
+def test_cg_warm_start():
+    """From any x0 CG still solves the system (against torch.linalg.solve); from the exact solution it stops at
+    once; from the solution of a nearby system (a network a few SGD steps on) k iterations get closer than k cold
+    ones."""
+    H, theta, loss, v = _spd_problem()
+    damped = H + 0.01 * torch.eye(12, dtype=torch.float64)
+    exact = torch.linalg.solve(damped, v)
+    x0 = [torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    h, info = cg_solve(HVP(loss(), [theta], 0.01), [v], max_iter=100, tol=1e-10, x0=x0)
+    assert (h[0] - exact).norm() / exact.norm() <= 1e-6 and info.converged
+    h, info = cg_solve(HVP(loss(), [theta], 0.01), [v], max_iter=100, tol=1e-8, x0=[exact])
+    assert info.iterations == 0 and info.converged and torch.allclose(h[0], exact)
+    H2, _, _, _ = _spd_problem(seed=2)
+    nearby = torch.linalg.solve(damped + 0.05 * H2, v)
+    for k in (1, 3, 5):
+        warm, _ = cg_solve(HVP(loss(), [theta], 0.01), [v], max_iter=k, tol=0.0, x0=[nearby])
+        cold, _ = cg_solve(HVP(loss(), [theta], 0.01), [v], max_iter=k, tol=0.0)
+        assert (warm[0] - exact).norm() < (cold[0] - exact).norm(), k
+    # inverse_hvp passes it through and hands the solution back for the next solve
+    h, info = inverse_hvp(loss, [theta], [v], SolverConfig("cg", damping=0.01, max_iter=0), x0=[exact])
+    assert torch.allclose(h[0], exact) and info.solution is h
+
+
 def test_lissa_divergence_detected_and_falls_back():
     H, theta, loss, v = _spd_problem()
     cfg = SolverConfig("lissa", damping=0.01, lissa_scale=0.01, lissa_depth=500, lissa_fallback=False, max_iter=100)

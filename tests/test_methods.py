@@ -56,9 +56,11 @@ def test_dc_loop_table_and_rule():
     assert dc_loops(5) == (1, 1) and dc_loops(15) == (10, 50) and dc_loops(100) == (50, 10)
 
 
-@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "idc", "pdd", "pdd-dc", "iwd+dc", "iwd+idc"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "idc", "pdd", "pdd-dc", "iwd+dc", "iwd+idc",
+                                    "iwd+idc warm_start=true"])
 def test_deterministic_and_resume_equals_uninterrupted(digits, task_of, tmp_path, method):
-    over = TINY + (["n_data=16", "factor=1"] if "idc" in method or method == "pdd" else []) + \
+    method, *extra = method.split()
+    over = TINY + extra + (["n_data=16", "factor=1"] if "idc" in method or method == "pdd" else []) + \
         (["stages=2", "iterations=2", "condition_epochs=1"] if method.startswith("pdd") else [])
     if method == "dm":
         over = ["iterations=3", "net_width=8", "batch_real=8"]
