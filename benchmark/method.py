@@ -125,6 +125,15 @@ class Method:
                 "ipc": task.ipc, "seed": task.seed, **provenance(), **extra}
 
 
+def _config_changes(saved, current):
+    """What differs between a checkpoint's config and the current one, as 'key: saved -> current' strings. A
+    longer or shorter run (`iterations`) may resume; a checkpoint from before configs were saved is trusted."""
+    if saved is None:
+        return []
+    keys = sorted((set(saved) | set(current)) - {"iterations"})
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 class NonFiniteError(BenchmarkError):
     pass
 
@@ -167,6 +176,11 @@ class IterativeMethod(Method):
                 raise BenchmarkError(f"checkpoint {task.checkpoint_path} belongs to another run "
                                      f"({ck.get('method')}, ipc {ck.get('ipc')}, seed {ck.get('seed')}); delete it "
                                      f"or choose another --checkpoint path.")
+            changed = _config_changes(ck.get("config"), dataclasses.asdict(self.config))
+            if changed:
+                raise BenchmarkError(f"checkpoint {task.checkpoint_path} was made with other settings ("
+                                     f"{'; '.join(changed)}); rerun with its settings to resume, or delete it to "
+                                     f"start afresh with these.")
             state, start = ck["state"], ck["next_iteration"]
             elapsed_before = float(ck.get("elapsed_s", 0.0))
             segments = list(ck.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
@@ -219,7 +233,7 @@ class IterativeMethod(Method):
         os.makedirs(os.path.dirname(os.path.abspath(task.checkpoint_path)), exist_ok=True)
         torch.save({"method": self.name, "ipc": task.ipc, "seed": task.seed, "next_iteration": next_it,
                     "state": state, "elapsed_s": elapsed_s,
-                    "segments": list(segments)}, tmp)
+                    "segments": list(segments), "config": dataclasses.asdict(self.config)}, tmp)
         os.replace(tmp, task.checkpoint_path)
         self._last_ckpt = task.checkpoint_path
 

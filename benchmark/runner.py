@@ -5,11 +5,13 @@ crash never leaves half a record and two workers never clobber each other (one f
 Rerunning a suite skips cells that have a record and resumes interrupted ones from their checkpoints
 (<run_root>/<suite>/checkpoints/). A failing cell writes <key>.failed.json with its error; the others go on.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import resource
+import socket
 import sys
 import time
 import traceback
@@ -76,14 +78,8 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
     """Distil and evaluate one cell; returns the record (also written to disk)."""
     import torch
 
-    from evaluation import evaluate
-
-    from .datasets import get_dataset
-    from .logging import make_writer
-    from .method import Task
     from . import allocator
-    from .registry import create_method, load_plugin
-    from .synthetic import provenance
+    from .registry import load_plugin
 
     allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
     for module in suite.plugins:  # nor through --plugin
@@ -92,6 +88,22 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
         torch.set_num_threads(threads)
     paths = RunPaths(run_root, suite.name)
     paths.ensure()  # a Ray worker on another machine may not have the run root yet
+    with cell_lock(paths, cell):
+        finished = _read_json(paths.record(cell))
+        if finished is not None:
+            return finished  # another run of the suite finished it since this one listed its pending cells
+        return _run_cell_locked(suite, cell, paths, data_root, device, log)
+
+
+def _run_cell_locked(suite, cell, paths, data_root, device, log):
+    from evaluation import evaluate
+
+    from .datasets import get_dataset
+    from .logging import make_writer
+    from .method import Task
+    from .registry import create_method
+    from .synthetic import provenance
+
     ds = get_dataset(cell.dataset, data_root or suite.data_root or None)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if log else None, cell.key)
@@ -154,6 +166,57 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
         if os.path.exists(done):
             os.remove(done)
     return record
+
+
+@contextlib.contextmanager
+def cell_lock(paths, cell):
+    """One process per cell: two runs of a suite (started twice, or from two machines on a shared disk) must never
+    write the same checkpoint. The lock file names its holder (pid, host, start); a lock whose process is gone (same
+    host) is taken over; otherwise the cell fails with a message naming the holder, and the other cells go on."""
+    path = os.path.join(paths.checkpoints, cell.key + ".lock")
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
+    with open(tmp, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic: fails if the lock exists, and the lock is never seen half-written
+                break
+            except FileExistsError:
+                holder = _read_json(path) or {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    try:
+                        os.remove(path)  # stale: its process is gone (killed, machine restarted)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise BenchmarkError(
+                    f"cell {cell.key} is being run by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')} (lock {path}); let that run finish it, or, if that process is gone, "
+                    f"delete the lock and rerun") from None
+        else:
+            raise BenchmarkError(f"could not take the lock {path} for cell {cell.key}; rerun")
+    finally:
+        os.remove(tmp)
+    try:
+        yield
+    finally:
+        if (_read_json(path) or {}).get("pid") == me["pid"]:
+            os.remove(path)
+
+
+def _alive(pid):
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _read_json(path):

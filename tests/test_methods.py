@@ -115,6 +115,27 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
                                                     {"commit": code_commit(), "from_iteration": 2}]
 
 
+def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path):
+    """Resuming under other settings would give a set no single config makes: refused, naming what changed. More
+    or fewer iterations may resume."""
+    from benchmark.errors import BenchmarkError
+    ck = str(tmp_path / "run.ckpt")
+    m = create_method("dc", None, TINY)
+    orig = m.iteration
+
+    def crash_at_2(task, state, it, gen):
+        if it == 2:
+            raise KeyboardInterrupt
+        return orig(task, state, it, gen)
+    m.iteration = crash_at_2
+    with pytest.raises(KeyboardInterrupt):
+        m.distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_every=1))
+    with pytest.raises(BenchmarkError, match=r"other settings \(lr_img: 0\.1 -> 0\.5\)"):
+        create_method("dc", None, TINY + ["lr_img=0.5"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
+    longer = create_method("dc", None, TINY + ["iterations=4"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
+    assert longer.metadata["distill_segments"][-1]["from_iteration"] == 2
+
+
 def test_commit_is_pinned_at_import(monkeypatch):
     """A record names the commit of the code the process imported, not whatever the checkout holds when it ends."""
     from benchmark import synthetic

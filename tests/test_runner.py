@@ -132,6 +132,36 @@ def test_a_saved_set_is_reused_only_under_the_same_config(tmp_path, digits):
     assert _distilled_before(path, m) is None  # damaged: distil again
 
 
+def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
+    """A cell another live process holds fails with a message naming the holder (the other cells go on); a lock
+    whose process is gone is taken over; a cell another run finished meanwhile is not run again."""
+    import socket
+    import benchmark.runner as runner
+    suite = _suite(tmp_path, methods=["random"])
+    cell, runs = suite.cells()[0], str(tmp_path / "runs")
+    lock = os.path.join(runs, "tiny", "checkpoints", cell.key + ".lock")
+    os.makedirs(os.path.dirname(lock))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for host, pid in ((socket.gethostname(), holder.pid), ("another-machine", 4242)):
+            with open(lock, "w") as f:
+                json.dump({"pid": pid, "host": host, "started": "2026-11-29T00:00:00+00:00"}, f)
+            done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+            assert done == 0 and f"being run by pid {pid} on {host}" in failures[0][1]
+            assert "delete the lock" in failures[0][1] and not os.path.exists(os.path.join(runs, "tiny", "records",
+                                                                                          cell.key + ".json"))
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(lock, "w") as f:  # the holder is gone: its lock is stale
+        json.dump({"pid": holder.pid, "host": socket.gethostname(), "started": "2026-11-29T00:00:00+00:00"}, f)
+    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+    assert done == 1 and not failures and not os.path.exists(lock)
+    record = read_records(runs, "tiny")[0]
+    monkeypatch.setattr(runner, "_run_cell_locked", lambda *a: pytest.fail("ran a finished cell again"))
+    assert runner.run_cell(suite, cell, runs, log=False) == record
+
+
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
@@ -139,8 +169,9 @@ def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
                                           "protocol": "dc-quick", "num_eval": 1, "eval_networks": ["ConvNetW32"],
                                           "overrides": {"dc": over}}))
     runs = str(tmp_path / "runs")
-    args = [sys.executable, os.path.join(ROOT, "run.py"), "run", "--suite", str(suite_path), "--run-root", runs,
-            "--results-root", str(tmp_path / "res"), "--no-tensorboard"]
+    # the child at this process's thread count: CPU reductions split by thread, and the set is compared bit for bit
+    args = [sys.executable, os.path.join(ROOT, "run.py"), "--threads", str(torch.get_num_threads()), "run",
+            "--suite", str(suite_path), "--run-root", runs, "--results-root", str(tmp_path / "res"), "--no-tensorboard"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = os.path.join(runs, "killme", "checkpoints")
     deadline = time.time() + 300
