@@ -174,7 +174,7 @@ def cell_lock(paths, cell):
     write the same checkpoint. The lock file names its holder (pid, host, start); a lock whose process is gone (same
     host) is taken over; otherwise the cell fails with a message naming the holder, and the other cells go on."""
     path = os.path.join(paths.checkpoints, cell.key + ".lock")
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "process": _process_identity(os.getpid()),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
     with open(tmp, "w") as f:
@@ -186,7 +186,7 @@ def cell_lock(paths, cell):
                 break
             except FileExistsError:
                 holder = _read_json(path) or {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid"), holder.get("process")):
                     try:
                         os.remove(path)  # stale: its process is gone (killed, machine restarted)
                     except FileNotFoundError:
@@ -207,7 +207,21 @@ def cell_lock(paths, cell):
             os.remove(path)
 
 
-def _alive(pid):
+def _process_identity(pid):
+    """Boot id and start time of a process (Linux), so a pid reused after a restart is not taken for the holder."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22, starttime (after the command name)
+        return f"{boot}/{start}"
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid, identity=None):
+    """Is the lock holder's process still running (this host)? A different identity for the pid means it died and
+    the pid was reused."""
     if not isinstance(pid, int):
         return False
     try:
@@ -215,8 +229,8 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process
-    return True
+        pass  # someone else's process: alive, unless its identity says it is another one
+    return identity is None or _process_identity(pid) in (None, identity)
 
 
 def _read_json(path):

@@ -150,13 +150,16 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
             assert done == 0 and f"being run by pid {pid} on {host}" in failures[0][1]
             assert "delete the lock" in failures[0][1] and not os.path.exists(os.path.join(runs, "tiny", "records",
                                                                                           cell.key + ".json"))
+        # the pid is alive but is not the holder (its process died; the pid was reused after a restart): stale
+        # (a holder killed outright, pid gone, is the kill -9 test below)
+        with open(lock, "w") as f:
+            json.dump({"pid": holder.pid, "host": socket.gethostname(), "process": "another-boot/1",
+                       "started": "2026-11-29T00:00:00+00:00"}, f)
+        done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
+        assert done == 1 and not failures and not os.path.exists(lock)
     finally:
         holder.kill()
         holder.wait()
-    with open(lock, "w") as f:  # the holder is gone: its lock is stale
-        json.dump({"pid": holder.pid, "host": socket.gethostname(), "started": "2026-11-29T00:00:00+00:00"}, f)
-    done, failures = run_suite(suite, runs, progress=False, echo=lambda *_: None)
-    assert done == 1 and not failures and not os.path.exists(lock)
     record = read_records(runs, "tiny")[0]
     monkeypatch.setattr(runner, "_run_cell_locked", lambda *a: pytest.fail("ran a finished cell again"))
     assert runner.run_cell(suite, cell, runs, log=False) == record
