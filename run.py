@@ -292,6 +292,21 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
 
 
 @cli.command()
+@with_options(suite_options)
+def status(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root):
+    """Where each cell of a suite stands: done, running (which process, which iteration), interrupted, failed,
+    pending."""
+    from benchmark.runner import suite_status
+    s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
+    rows = suite_status(s, run_root)
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['key']:<{width}}  {r['state']:<11}  {r['detail']}")
+    counts = {st: sum(r["state"] == st for r in rows) for st in ("done", "running", "interrupted", "failed", "pending")}
+    click.echo(", ".join(f"{n} {st}" for st, n in counts.items() if n))
+
+
+@cli.command()
 @click.option("--suite", "-s", default=None, help="Show one suite's logs (default: all under the run root).")
 @click.option("--run-root", default="runs", show_default=True)
 @click.option("--start", is_flag=True, help="Start TensorBoard instead of printing the command.")

@@ -233,6 +233,53 @@ def _alive(pid, identity=None):
     return identity is None or _process_identity(pid) in (None, identity)
 
 
+def suite_status(suite, run_root):
+    """One row per cell of the suite: done (accuracy), running (the lock's live holder, the checkpoint's
+    iteration), interrupted (resumes from its checkpoint or evaluations on the next run), failed, or pending."""
+    import types
+
+    from .registry import create_method
+    from .synthetic import safe_load
+    paths = RunPaths(run_root, suite.name)
+    rows = []
+    for cell in suite.cells():
+        ck_path = os.path.join(paths.checkpoints, cell.key + ".pt")
+        record, failed = _read_json(paths.record(cell)), _read_json(paths.failed(cell))
+        holder = _read_json(os.path.join(paths.checkpoints, cell.key + ".lock"))
+        running = holder is not None and (holder.get("host") != socket.gethostname()
+                                          or _alive(holder.get("pid"), holder.get("process")))
+        progress = []
+        if record is None and os.path.exists(ck_path):
+            try:
+                ck = safe_load(ck_path)
+                method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
+                total = method.num_iterations(types.SimpleNamespace(ipc=cell.ipc)) \
+                    if hasattr(method, "num_iterations") else "?"
+                saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(ck_path)))
+                progress.append(f"checkpoint at iteration {ck['next_iteration']}/{total} ({saved})")
+            except (BenchmarkError, KeyError, TypeError) as e:
+                progress.append(f"checkpoint unreadable ({e})")
+        evals = _read_json(os.path.join(paths.checkpoints, cell.key + ".eval.json"))
+        if record is None and evals:
+            progress.append(f"distilled; evaluated {len(evals)} of {len(suite.eval_networks)} network(s) (in part)")
+        if record is not None:
+            a = record["accuracy"]
+            state, detail = "done", (f"{100 * a['mean']:.2f} +- {100 * a['std']:.2f} (distill "
+                                     f"{record['distill_seconds'] / 60:.1f} min, eval {record['eval_seconds'] / 60:.1f} min)")
+        elif running:
+            state = "running"
+            detail = "; ".join([f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}",
+                                *progress])
+        elif progress:
+            state, detail = "interrupted", "; ".join(progress) + ": resumes on the next run"
+        elif failed is not None:
+            state, detail = "failed", failed.get("error", "").splitlines()[0][:200]
+        else:
+            state, detail = "pending", ""
+        rows.append({"key": cell.key, "state": state, "detail": detail})
+    return rows
+
+
 def _read_json(path):
     try:
         with open(path) as f:

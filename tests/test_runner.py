@@ -165,6 +165,48 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
     assert runner.run_cell(suite, cell, runs, log=False) == record
 
 
+def test_status_says_where_each_cell_stands(tmp_path):
+    import socket
+    from benchmark.method import Task
+    from benchmark.registry import create_method
+    from benchmark.runner import run_cell
+    from benchmark.datasets import get_dataset
+    suite = _suite(tmp_path, methods=["random", "dc"], ipc=[1, 2, 3])
+    runs = str(tmp_path / "runs")
+    cells = {c.key: c for c in suite.cells()}
+    run_cell(suite, cells["digits__random__ipc1__seed0"], runs, log=False)
+    ckdir = os.path.join(runs, "tiny", "checkpoints")
+    with open(os.path.join(runs, "tiny", "records", "digits__random__ipc2__seed0.failed.json"), "w") as f:
+        json.dump({"error": "BenchmarkError: something named\ntraceback"}, f)
+    m = create_method("dc", None, TINY_DC)
+    orig = m.iteration
+
+    def stop_at_2(task, state, it, gen):
+        if it == 2:
+            raise KeyboardInterrupt
+        return orig(task, state, it, gen)
+    m.iteration = stop_at_2
+    with pytest.raises(KeyboardInterrupt):
+        m.distill(Task(get_dataset("digits"), 1, 0, checkpoint_path=os.path.join(ckdir, "digits__dc__ipc1__seed0.pt"),
+                       checkpoint_every=1))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(ckdir, "digits__dc__ipc2__seed0.lock"), "w") as f:
+            json.dump({"pid": holder.pid, "host": socket.gethostname(), "started": "2026-11-29T03:00:00+00:00"}, f)
+        out = _cli("status", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", runs)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out.returncode == 0, out.stderr
+    state = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines() if "__" in line}
+    assert state["digits__random__ipc1__seed0"][0] == "done"
+    assert state["digits__random__ipc2__seed0"] == ["failed", "BenchmarkError: something named"]
+    assert state["digits__dc__ipc1__seed0"][0] == "interrupted" and "iteration 2/3" in state["digits__dc__ipc1__seed0"][1]
+    assert state["digits__dc__ipc2__seed0"][0] == "running" and f"pid {holder.pid}" in state["digits__dc__ipc2__seed0"][1]
+    assert [state[k][0] for k in ("digits__random__ipc3__seed0", "digits__dc__ipc3__seed0")] == ["pending"] * 2
+    assert out.stdout.strip().splitlines()[-1] == "1 done, 1 running, 1 interrupted, 1 failed, 2 pending"
+
+
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
