@@ -23,13 +23,22 @@ REPORTED = {
     "IWD+DC (paper)": {("cifar10", 1): (29.6, 0.6), ("cifar10", 10): (52.7, 0.6), ("cifar10", 50): (61.0, 0.4),
                        ("cifar100", 1): (14.2, 0.5), ("cifar100", 10): (32.4, 0.2), ("cifar100", 50): (36.5, 0.3),
                        ("svhn", 1): (34.4, 1.4), ("svhn", 10): (78.6, 0.1), ("svhn", 50): (83.4, 0.3)},
-    "IDC": {("cifar10", 1): (50.6, 0.4), ("cifar10", 10): (67.5, 0.5), ("cifar10", 50): (74.5, 0.1),
+    "IDC": {("mnist", 1): (94.2, None), ("mnist", 10): (98.4, None), ("mnist", 50): (99.1, None),  # std not given
+            ("fashion-mnist", 1): (81.0, None), ("fashion-mnist", 10): (86.0, None), ("fashion-mnist", 50): (86.2, None),
+            ("cifar10", 1): (50.6, 0.4), ("cifar10", 10): (67.5, 0.5), ("cifar10", 50): (74.5, 0.1),
             ("cifar100", 1): (28.4, 0.1), ("cifar100", 10): (45.1, 0.3),
             ("svhn", 1): (68.5, 0.9), ("svhn", 10): (87.5, 0.3), ("svhn", 50): (90.1, 0.1)},
     "IWD+IDC (paper)": {("cifar10", 1): (51.5, 0.5), ("cifar10", 10): (68.3, 0.6), ("cifar10", 50): (74.9, 0.3),
                         ("cifar100", 1): (29.1, 0.3), ("cifar100", 10): (46.1, 0.5),
                         ("svhn", 1): (70.1, 0.3), ("svhn", 10): (88.2, 0.4), ("svhn", 50): (90.8, 0.1)},
 }
+
+
+def _reported(mean_std, pm):
+    mean, std = mean_std
+    return f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{std:.1f}"
+
+
 UNRANKED = ("full", "random", "herding", "influence-select")
 
 
@@ -115,7 +124,7 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         md.append("| " + " | ".join([n] + [_fmt(r.get(c), "md") for c in cols]) + " |")
     for n, r in reported.items():
         md.append("| " + " | ".join([f"{n} (reported)"] + [
-            (f"{r[c][0]:.1f} ± {r[c][1]:.1f}" if c in r else "—") for c in cols]) + " |")
+            (_reported(r[c], " ± ") if c in r else "—") for c in cols]) + " |")
     extra_nets = sorted({n for r in records for n in r.get("evaluations", {})} -
                         {r["accuracy"]["network"] for r in records})
     for net in extra_nets:  # cross-architecture: the same sets evaluated on another network
@@ -165,14 +174,14 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         for n, r in reported.items():
             for c in cols:
                 if c in r:
-                    w.writerow([n, c[0], c[1], r[c][0], r[c][1], "", "", "", "reported"])
+                    w.writerow([n, c[0], c[1], r[c][0], "" if r[c][1] is None else r[c][1], "", "", "", "reported"])
     tex = ["\\begin{tabular}{l" + "c" * len(cols) + "}", "\\toprule",
            " & ".join(["Method"] + [f"{d} {i}" for d, i in cols]) + " \\\\", "\\midrule"]
     for n, r in rows.items():
         tex.append(" & ".join([n.replace("_", "\\_")] + [_fmt(r.get(c), "tex") for c in cols]) + " \\\\")
     for n, r in reported.items():
         tex.append(" & ".join([f"{n} (reported)"] + [
-            (f"{r[c][0]:.1f}$\\pm${r[c][1]:.1f}" if c in r else "--") for c in cols]) + " \\\\")
+            (_reported(r[c], "$\\pm$") if c in r else "--") for c in cols]) + " \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
     with open(os.path.join(out_dir, "leaderboard.tex"), "w") as fh:
         fh.write("\n".join(tex).replace("—", "--") + "\n")

@@ -207,6 +207,19 @@ def test_status_says_where_each_cell_stands(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "1 done, 1 running, 1 interrupted, 1 failed, 2 pending"
 
 
+def test_reported_rows_are_marked_and_keep_a_missing_std_missing(tmp_path):
+    """Published numbers appear as '(reported)' rows in all three formats; IDC's Fashion-MNIST numbers come without
+    a std in its paper, and the table must not invent one."""
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.runner import run_cell
+    suite = _suite(tmp_path, methods=["random"])
+    record = dict(run_cell(suite, suite.cells()[0], str(tmp_path / "runs"), log=False), dataset="fashion-mnist")
+    md = open(write_leaderboard([record], str(tmp_path / "out"), suite, "cmd")).read()
+    assert "| DC (reported) | 70.5 ± 0.6 |" in md and "| IDC (reported) | 81.0 |" in md
+    assert "IDC (reported) & 81.0 \\\\" in open(tmp_path / "out" / "leaderboard.tex").read()
+    assert "IDC,fashion-mnist,1,81.0,,,,,reported" in open(tmp_path / "out" / "leaderboard.csv").read()
+
+
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
