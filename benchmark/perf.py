@@ -304,7 +304,7 @@ def section_warm_start(s, ds):
     cold CG, at k = 5, 10, 20 iterations, along the matching steps of real IWD+IDC iterations (the network trains on
     real data between steps). Per step: Spearman of the implicit scores against CG converged to 1e-6 on the same
     step; mean over the steps after the first (the first has nothing to start from). Then the iteration time of
-    iwd+idc at (cold, 20) and (warm, 10)."""
+    iwd+idc at (cold, 20), (warm, 10) and (warm, 5)."""
     from scipy.stats import spearmanr
 
     from influence import SolverConfig, implicit_scores

@@ -51,6 +51,15 @@ class RunPaths:
     def failed(self, cell):
         return os.path.join(self.records, cell.key + ".failed.json")
 
+    def checkpoint(self, cell):
+        return os.path.join(self.checkpoints, cell.key + ".pt")
+
+    def eval_progress(self, cell):
+        return os.path.join(self.checkpoints, cell.key + ".eval.json")
+
+    def lock(self, cell):
+        return os.path.join(self.checkpoints, cell.key + ".lock")
+
 
 def write_json_atomic(path, obj):
     tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
@@ -108,11 +117,11 @@ def _run_cell_locked(suite, cell, paths, data_root, device, log):
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if log else None, cell.key)
     every = max(1, getattr(method.config, "iterations", 10) // 10)
-    task = Task(ds, cell.ipc, cell.seed, device, writer, os.path.join(paths.checkpoints, cell.key + ".pt"),
+    task = Task(ds, cell.ipc, cell.seed, device, writer, paths.checkpoint(cell),
                 checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
                 log_images_every=every if writer is not None else 0)
     set_path = os.path.join(paths.sets, cell.key + ".pt")
-    progress_path = os.path.join(paths.checkpoints, cell.key + ".eval.json")
+    progress_path = paths.eval_progress(cell)
     synset = _distilled_before(set_path, method)  # a stop during evaluation must not cost the distillation
     if synset is None:
         if os.path.exists(progress_path):
@@ -173,7 +182,7 @@ def cell_lock(paths, cell):
     """One process per cell: two runs of a suite (started twice, or from two machines on a shared disk) must never
     write the same checkpoint. The lock file names its holder (pid, host, start); a lock whose process is gone (same
     host) is taken over; otherwise the cell fails with a message naming the holder, and the other cells go on."""
-    path = os.path.join(paths.checkpoints, cell.key + ".lock")
+    path = paths.lock(cell)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "process": _process_identity(os.getpid()),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
@@ -243,9 +252,9 @@ def suite_status(suite, run_root):
     paths = RunPaths(run_root, suite.name)
     rows = []
     for cell in suite.cells():
-        ck_path = os.path.join(paths.checkpoints, cell.key + ".pt")
+        ck_path = paths.checkpoint(cell)
         record, failed = _read_json(paths.record(cell)), _read_json(paths.failed(cell))
-        holder = _read_json(os.path.join(paths.checkpoints, cell.key + ".lock"))
+        holder = _read_json(paths.lock(cell))
         running = holder is not None and (holder.get("host") != socket.gethostname()
                                           or _alive(holder.get("pid"), holder.get("process")))
         progress = []
@@ -259,7 +268,7 @@ def suite_status(suite, run_root):
                 progress.append(f"checkpoint at iteration {ck['next_iteration']}/{total} ({saved})")
             except (BenchmarkError, KeyError, TypeError) as e:
                 progress.append(f"checkpoint unreadable ({e})")
-        evals = _read_json(os.path.join(paths.checkpoints, cell.key + ".eval.json"))
+        evals = _read_json(paths.eval_progress(cell))
         if record is None and evals:
             progress.append(f"distilled; evaluated {len(evals)} of {len(suite.eval_networks)} network(s) (in part)")
         if record is not None:

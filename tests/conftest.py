@@ -31,3 +31,19 @@ def task_of():
     def make(ds, ipc=1, seed=0, **kw):
         return Task(ds, ipc, seed, **kw)
     return make
+
+
+@pytest.fixture
+def interrupt_at():
+    """interrupt_at(method, k): make the method stop (KeyboardInterrupt, as from Ctrl-C or a killed session) when it
+    reaches iteration k."""
+    def wrap(method, iteration):
+        orig = method.iteration
+
+        def stopping(task, state, it, gen):
+            if it == iteration:
+                raise KeyboardInterrupt
+            return orig(task, state, it, gen)
+        method.iteration = stopping
+        return method
+    return wrap

@@ -115,19 +115,12 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
                                                     {"commit": code_commit(), "from_iteration": 2}]
 
 
-def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path):
+def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path, interrupt_at):
     """Resuming under other settings would give a set no single config makes: refused, naming what changed. More
     or fewer iterations may resume."""
     from benchmark.errors import BenchmarkError
     ck = str(tmp_path / "run.ckpt")
-    m = create_method("dc", None, TINY)
-    orig = m.iteration
-
-    def crash_at_2(task, state, it, gen):
-        if it == 2:
-            raise KeyboardInterrupt
-        return orig(task, state, it, gen)
-    m.iteration = crash_at_2
+    m = interrupt_at(create_method("dc", None, TINY), 2)
     with pytest.raises(KeyboardInterrupt):
         m.distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_every=1))
     with pytest.raises(BenchmarkError, match=r"other settings \(lr_img: 0\.1 -> 0\.5\)"):

@@ -165,7 +165,7 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
     assert runner.run_cell(suite, cell, runs, log=False) == record
 
 
-def test_status_says_where_each_cell_stands(tmp_path):
+def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
     import socket
     from benchmark.method import Task
     from benchmark.registry import create_method
@@ -178,14 +178,7 @@ def test_status_says_where_each_cell_stands(tmp_path):
     ckdir = os.path.join(runs, "tiny", "checkpoints")
     with open(os.path.join(runs, "tiny", "records", "digits__random__ipc2__seed0.failed.json"), "w") as f:
         json.dump({"error": "BenchmarkError: something named\ntraceback"}, f)
-    m = create_method("dc", None, TINY_DC)
-    orig = m.iteration
-
-    def stop_at_2(task, state, it, gen):
-        if it == 2:
-            raise KeyboardInterrupt
-        return orig(task, state, it, gen)
-    m.iteration = stop_at_2
+    m = interrupt_at(create_method("dc", None, TINY_DC), 2)
     with pytest.raises(KeyboardInterrupt):
         m.distill(Task(get_dataset("digits"), 1, 0, checkpoint_path=os.path.join(ckdir, "digits__dc__ipc1__seed0.pt"),
                        checkpoint_every=1))
