@@ -176,6 +176,6 @@ def influence_weighted(cls=None, *, name=None):
             return out
 
     IWDMethod.__name__ = IWDMethod.__qualname__ = "IWD" + cls.__name__
-    IWDMethod.__doc__ = f"IWD+{cls.__name__}: {cls.__doc__ or ''}"
+    IWDMethod.__doc__ = f"IWD+{cls.name.upper()}: {cls.__doc__ or ''}"
     register_method(name or f"iwd+{cls.name}")(IWDMethod)
     return IWDMethod

@@ -63,6 +63,7 @@ def _init_images(task, gen, per_class, init):
 
 @register_method("dc")
 class DC(GradientMatching):
+    """Gradient matching per class on fresh networks, inner training on the synthetic set (Zhao et al. 2021)."""
     Config = DCConfig
     presets = {"cpu": CPU_PRESET, "quick": QUICK_PRESET}
 
@@ -105,6 +106,7 @@ class DSAConfig(DCConfig):
 
 @register_method("dsa")
 class DSAMethod(DC):
+    """DC with the same random differentiable augmentation on real and synthetic batches (Zhao & Bilen 2021)."""
     Config = DSAConfig
     presets = {"cpu": CPU_PRESET, "quick": QUICK_PRESET}
     evaluation_hint = "dsa"

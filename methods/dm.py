@@ -40,6 +40,7 @@ def _sq_distance(syn, real):
 
 @register_method("dm")
 class DM(WeightedMatching, IterativeMethod):
+    """Distribution matching: per-class mean embeddings of random networks, augmented (Zhao & Bilen 2023)."""
     Config = DMConfig
     presets = {"cpu": {"iterations": 2000, "net_width": 32, "batch_real": 64},
                "quick": {"iterations": 200, **QUICK_NET, "batch_real": 64}}

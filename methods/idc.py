@@ -50,6 +50,7 @@ class IDCConfig:
 
 @register_method("idc")
 class IDC(GradientMatching):
+    """Multi-formation gradient matching, inner training on real data (Kim et al. 2022)."""
     Config = IDCConfig
     presets = {"cpu": {"iterations": 100, "inner_loop": 20, "net_width": 32},
                "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256, **QUICK_NET}}
