@@ -265,12 +265,21 @@ def suite_status(suite, run_root):
                 total = method.num_iterations(types.SimpleNamespace(ipc=cell.ipc)) \
                     if hasattr(method, "num_iterations") else "?"
                 saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(ck_path)))
-                progress.append(f"checkpoint at iteration {ck['next_iteration']}/{total} ({saved})")
+                done_it, elapsed = ck["next_iteration"], float(ck.get("elapsed_s", 0.0))
+                line = f"checkpoint at iteration {done_it}/{total} ({saved})"
+                if done_it > 0 and elapsed > 0:  # the pace so far, over every resumed segment
+                    pace = elapsed / done_it
+                    line += f", {pace / 60:.1f} min per iteration"
+                    if isinstance(total, int) and total > done_it:
+                        line += f", about {(total - done_it) * pace / 60:.0f} min of distillation left"
+                progress.append(line)
             except (BenchmarkError, KeyError, TypeError) as e:
                 progress.append(f"checkpoint unreadable ({e})")
         evals = _read_json(paths.eval_progress(cell))
         if record is None and evals:
-            progress.append(f"distilled; evaluated {len(evals)} of {len(suite.eval_networks)} network(s) (in part)")
+            trained = sum(len(e.get("accuracies", [])) for e in evals.values())
+            progress.append(f"distilled; {trained} of {len(suite.eval_networks) * suite.num_eval} evaluation "
+                            f"network(s) trained")
         if record is not None:
             a = record["accuracy"]
             state, detail = "done", (f"{100 * a['mean']:.2f} +- {100 * a['std']:.2f} (distill "

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
     with pytest.raises(KeyboardInterrupt):
         run_cell(suite, cell, runs, log=False)
     assert os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
+    from benchmark.runner import suite_status
+    (row,) = suite_status(suite, runs)
+    assert row["state"] == "interrupted" and "distilled; 1 of 2 evaluation network(s) trained" in row["detail"]
     trained.clear()
     monkeypatch.setattr(harness, "train_and_test", lambda *a, **kw: trained.append(kw["seed"]) or real_train(*a, **kw))
     monkeypatch.setattr(IterativeMethod, "distill", lambda *a: pytest.fail("distilled again"))
@@ -195,6 +199,7 @@ def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
     assert state["digits__random__ipc1__seed0"][0] == "done"
     assert state["digits__random__ipc2__seed0"] == ["failed", "BenchmarkError: something named"]
     assert state["digits__dc__ipc1__seed0"][0] == "interrupted" and "iteration 2/3" in state["digits__dc__ipc1__seed0"][1]
+    assert re.search(r"min per iteration, about \d+ min of distillation left", state["digits__dc__ipc1__seed0"][1])
     assert state["digits__dc__ipc2__seed0"][0] == "running" and f"pid {holder.pid}" in state["digits__dc__ipc2__seed0"][1]
     assert [state[k][0] for k in ("digits__random__ipc3__seed0", "digits__dc__ipc3__seed0")] == ["pending"] * 2
     assert out.stdout.strip().splitlines()[-1] == "1 done, 1 running, 1 interrupted, 1 failed, 2 pending"
