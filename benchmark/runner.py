@@ -54,6 +54,9 @@ class RunPaths:
     def checkpoint(self, cell):
         return os.path.join(self.checkpoints, cell.key + ".pt")
 
+    def synthetic_set(self, cell):
+        return os.path.join(self.sets, cell.key + ".pt")
+
     def eval_progress(self, cell):
         return os.path.join(self.checkpoints, cell.key + ".eval.json")
 
@@ -120,7 +123,7 @@ def _run_cell_locked(suite, cell, paths, data_root, device, log):
     task = Task(ds, cell.ipc, cell.seed, device, writer, paths.checkpoint(cell),
                 checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
                 log_images_every=every if writer is not None else 0)
-    set_path = os.path.join(paths.sets, cell.key + ".pt")
+    set_path = paths.synthetic_set(cell)
     progress_path = paths.eval_progress(cell)
     synset = _distilled_before(set_path, method)  # a stop during evaluation must not cost the distillation
     if synset is None:
@@ -276,7 +279,9 @@ def suite_status(suite, run_root):
             except (BenchmarkError, KeyError, TypeError) as e:
                 progress.append(f"checkpoint unreadable ({e})")
         evals = _read_json(paths.eval_progress(cell))
-        if record is None and evals:
+        if record is None and not os.path.exists(ck_path) and os.path.exists(paths.synthetic_set(cell)):
+            evals = evals or {}  # distilled, no network trained yet
+        if record is None and evals is not None:
             trained = sum(len(e.get("accuracies", [])) for e in evals.values())
             progress.append(f"distilled; {trained} of {len(suite.eval_networks) * suite.num_eval} evaluation "
                             f"network(s) trained")

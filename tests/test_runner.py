@@ -87,8 +87,8 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path):
 
 
 def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_path, monkeypatch):
-    """Interrupted after one of two evaluation networks: the rerun neither distils again nor retrains network 0,
-    and ends with exactly the accuracies of an uninterrupted run."""
+    """Interrupted before the first, then after one of two evaluation networks (status says so each time): the
+    reruns neither distil again nor retrain network 0, and end with exactly the accuracies of an uninterrupted run."""
     import evaluation.harness as harness
     from benchmark.method import IterativeMethod
     from benchmark.runner import run_cell
@@ -98,18 +98,22 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
     runs = str(tmp_path / "runs")
     real_train, trained = harness.train_and_test, []
 
-    def stop_at_second(*a, **kw):
-        trained.append(kw["seed"])
-        if len(trained) == 2:
-            raise KeyboardInterrupt
-        return real_train(*a, **kw)
-    monkeypatch.setattr(harness, "train_and_test", stop_at_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(suite, cell, runs, log=False)
-    assert os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
+    def stop_at(n):
+        def train(*a, **kw):
+            trained.append(kw["seed"])
+            if len(trained) == n:
+                raise KeyboardInterrupt
+            return real_train(*a, **kw)
+        return train
     from benchmark.runner import suite_status
-    (row,) = suite_status(suite, runs)
-    assert row["state"] == "interrupted" and "distilled; 1 of 2 evaluation network(s) trained" in row["detail"]
+    for stop, status in ((1, "distilled; 0 of 2"), (2, "distilled; 1 of 2")):  # stop at the first, then the second
+        trained.clear()
+        monkeypatch.setattr(harness, "train_and_test", stop_at(stop))
+        with pytest.raises(KeyboardInterrupt):
+            run_cell(suite, cell, runs, log=False)
+        (row,) = suite_status(suite, runs)
+        assert row["state"] == "interrupted" and status + " evaluation network(s) trained" in row["detail"]
+    assert os.path.exists(os.path.join(runs, "tiny", "checkpoints", cell.key + ".eval.json"))
     trained.clear()
     monkeypatch.setattr(harness, "train_and_test", lambda *a, **kw: trained.append(kw["seed"]) or real_train(*a, **kw))
     monkeypatch.setattr(IterativeMethod, "distill", lambda *a: pytest.fail("distilled again"))
