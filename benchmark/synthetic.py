@@ -149,19 +149,28 @@ def safe_load(path):
                              f"recompute it.") from None
 
 
+# what makes a result: a change elsewhere (README, results/ tables a run itself rewrites) does not make it "dirty"
+CODE_PATHSPECS = [":/*.py", ":/*.yaml", ":/*.yml", ":/*.cfg", ":/*.toml"]
+
+
+def commit_of(directory):
+    """The commit of the checkout holding `directory`, with "+dirty" when a tracked code or config file differs
+    from it; "unknown" outside a git checkout (an installed wheel)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=directory, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHSPECS],
+                               cwd=directory, capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + "+dirty" if dirty and commit != "unknown" else commit
+    except Exception:  # noqa: BLE001  (no git)
+        return "unknown"
+
+
 @functools.lru_cache(maxsize=None)
 def code_commit():
-    """The commit (with "+dirty" for uncommitted tracked changes) of the code this process imported. Asked once,
-    at import: a run lasts hours, and a commit made in the checkout meanwhile must not be credited with its result."""
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return commit + "+dirty" if dirty and commit != "unknown" else commit
-    except Exception:  # noqa: BLE001  (no git, not a checkout: an installed wheel)
-        return "unknown"
+    """The commit of the code this process imported. Asked once, at import: a run lasts hours, and a commit made in
+    the checkout meanwhile must not be credited with its result."""
+    return commit_of(os.path.dirname(os.path.abspath(__file__)))
 
 
 def provenance():

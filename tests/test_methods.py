@@ -140,6 +140,33 @@ def test_commit_is_pinned_at_import(monkeypatch):
     assert synthetic.provenance()["commit"] == pinned
 
 
+def test_commit_is_dirty_only_for_code_changes(tmp_path):
+    """A README edit or a leaderboard a run rewrites under results/ leaves the code clean; a changed .py or suite
+    file does not."""
+    import subprocess
+    from benchmark.synthetic import commit_of
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "results").mkdir()
+    files = {"pkg/m.py": "x = 1\n", "pkg/s.yaml": "a: 1\n", "README.md": "r\n", "results/t.md": "t\n"}
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "c"], check=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    (repo / "README.md").write_text("edited\n")
+    (repo / "results" / "t.md").write_text("rewritten\n")
+    assert commit_of(str(repo / "pkg")) == head
+    for name in ("pkg/s.yaml", "pkg/m.py"):
+        subprocess.run(["git", "-C", str(repo), "checkout", "-q", "--", "."], check=True)
+        (repo / name).write_text("changed\n")
+        assert commit_of(str(repo / "pkg")) == head + "+dirty", name
+    assert commit_of(str(tmp_path)) == "unknown"
+
+
 def test_pdd_stages_leave_earlier_stages_untouched(digits, task_of):
     over = TINY + ["stages=2", "iterations=2", "condition_epochs=1"]
     m = create_method("pdd-dc", None, over)
