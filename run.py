@@ -327,7 +327,8 @@ def tensorboard(suite, run_root, start):
 @click.option("--data-root", default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
-@click.option("--sections", default="", help="Comma list of sections (default: all but warm_start, which runs only when named).")
+@click.option("--sections", default="",
+              help="Comma list of sections (default: all but warm_start, which runs only when named).")
 @click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")
 def bench(quick, dataset, data_root, device, repeats, sections, out):
     """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,

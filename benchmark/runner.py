@@ -278,10 +278,9 @@ def suite_status(suite, run_root):
                 progress.append(line)
             except (BenchmarkError, KeyError, TypeError) as e:
                 progress.append(f"checkpoint unreadable ({e})")
-        evals = _read_json(paths.eval_progress(cell))
-        if record is None and not os.path.exists(ck_path) and os.path.exists(paths.synthetic_set(cell)):
-            evals = evals or {}  # distilled, no network trained yet
-        if record is None and evals is not None:
+        evals = _read_json(paths.eval_progress(cell)) or {}
+        distilled = os.path.exists(paths.synthetic_set(cell)) and not os.path.exists(ck_path)
+        if record is None and (evals or distilled):
             trained = sum(len(e.get("accuracies", [])) for e in evals.values())
             progress.append(f"distilled; {trained} of {len(suite.eval_networks) * suite.num_eval} evaluation "
                             f"network(s) trained")
