@@ -53,9 +53,12 @@ def cli(debug, plugin, threads):
 
 def _task(dataset, ipc, seed, device, data_root, download, log_dir, name, checkpoint=None, checkpoint_every=0,
           checkpoint_minutes=0.0):
+    from benchmark import device as devices
     from benchmark.datasets import get_dataset
     from benchmark.logging import make_writer
     from benchmark.method import Task
+    device = devices.resolve(device)
+    devices.configure(device)
     ds = get_dataset(dataset, data_root, download)
     return Task(ds, ipc, seed, device, make_writer(log_dir, name), checkpoint, checkpoint_every, checkpoint_minutes,
                 progress=True, log_images_every=50 if log_dir else 0)
@@ -154,7 +157,10 @@ def evaluate(synset, dataset, data_root, download, device, protocol, network, nu
     """Train fresh networks on a synthetic set (ours, DC/DSA/DM's or IDC's format) and test them."""
     from benchmark.datasets import get_dataset
     from benchmark.synthetic import SyntheticSet
+    from benchmark import device as devices
     from evaluation import evaluate as run_eval
+    device = devices.resolve(device)
+    devices.configure(device)
     syn = SyntheticSet.load(synset, factor)
     dataset = syn.metadata.get("dataset", dataset) if dataset == "digits" else dataset
     ds = get_dataset(dataset, data_root, download)
@@ -237,18 +243,21 @@ def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
 @click.option("--executor", type=click.Choice(["inline", "process", "ray"]), default="inline", show_default=True)
 @click.option("--workers", type=int, default=None, help="Parallel cells (process pool / local Ray).")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
-@click.option("--data-root", default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--data-root", default=None, help="Folder with the dataset files (wins over any packaged copy).")
+@click.option("--download", is_flag=True, help="Let torchvision fetch missing datasets (once, before any cell).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (process executor: one worker per visible GPU; Ray: one GPU per cell) or cuda:N.")
 @click.option("--no-tensorboard", is_flag=True, help="Do not write TensorBoard logs.")
 def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, executor, workers,
-            address, data_root, device, no_tensorboard):
+            address, data_root, download, device, no_tensorboard):
     """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
     import time
 
     from benchmark.runner import run_suite
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     t0 = time.time()
-    done, failures = run_suite(s, run_root, executor, workers, address, data_root, device, not no_tensorboard)
+    done, failures = run_suite(s, run_root, executor, workers, address, data_root, device, not no_tensorboard,
+                               download=download)
     click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed")
     path = _write_table(s, run_root, results_root)
     if path:

@@ -39,6 +39,8 @@ class Dataset:
         self.corruption = None
         self.num_classes = int(self.y_train.max().item()) + 1
         self.class_indices = [torch.nonzero(self.y_train == c).flatten() for c in range(self.num_classes)]
+        self.source = None
+        self.host = self  # the copy on the CPU that `on(device)` copies are made from (labels read on the host)
 
     @property
     def channels(self):
@@ -80,10 +82,30 @@ class Dataset:
                 f"IPC {ipc} is larger than the smallest class of {self.name} ({self.smallest_class} training "
                 f"images); choose --ipc <= {self.smallest_class}.")
 
+    def on(self, device):
+        """This dataset with its tensors on `device`, copied once and cached (the rule: a task's data lives on its
+        device). class_indices stay on the CPU: indices are drawn from seeded CPU generators on every device, so
+        the random streams do not depend on the device. Everything else (name, corruption marks) is shared."""
+        device = str(device)
+        if device == str(self.x_train.device):
+            return self
+        cache = self.__dict__.setdefault("_on_device", {})
+        if device not in cache:
+            import copy
+            moved = copy.copy(self)
+            moved._on_device = {}
+            for k in ("x_train", "y_train", "x_test", "y_test"):
+                setattr(moved, k, getattr(self, k).to(device))
+            moved.host = self
+            cache[device] = moved
+        return cache[device]
+
     def restrict(self, keep):
         """The same dataset with only the training indices `keep` (e.g. after pruning); the test split is kept."""
         import dataclasses
-        return dataclasses.replace(self, name=self.name, x_train=self.x_train[keep], y_train=self.y_train[keep])
+        host = getattr(self, "host", self)
+        kept = dataclasses.replace(host, name=host.name, x_train=host.x_train[keep], y_train=host.y_train[keep])
+        return kept.on(self.x_train.device)
 
     def describe(self):
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {self.num_classes} classes, "
@@ -140,12 +162,13 @@ def get_dataset(name, data_root: Optional[str] = None, download: bool = False) -
     root = data_root or DEFAULT_DATA_ROOT
     key = (name, os.path.abspath(root))
     if key not in _CACHE:
-        x_tr, y_tr, x_te, y_te, names = spec.loader(root, download)
+        x_tr, y_tr, x_te, y_te, names, *where = spec.loader(root, download)
         to_x = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
         ds = Dataset(name, to_x(x_tr), torch.as_tensor(np.array(y_tr), dtype=torch.int64),
                      to_x(x_te), torch.as_tensor(np.array(y_te), dtype=torch.int64), spec.mean, spec.std, names)
         ds.x_train = ds.normalize(ds.x_train)
         ds.x_test = ds.normalize(ds.x_test)
+        ds.source = where[0] if where else None  # the folder the files were read from (records name it)
         _CACHE[key] = ds
     return _CACHE[key]
 
@@ -184,7 +207,9 @@ def _find_idx(dirs, stem):
 
 
 def _load_idx_dataset(name, tv_folder, tv_class, root, download, extra_dirs=()):
-    dirs = list(extra_dirs) + [os.path.join(root, tv_folder, "raw"), os.path.join(root, tv_folder)]
+    """The data root's files first: a user's own copy (re-split, corrupted on purpose, re-labelled) must never be
+    replaced by a packaged one. `extra_dirs` (Debian's copy) are searched after it."""
+    dirs = [os.path.join(root, tv_folder, "raw"), os.path.join(root, tv_folder)] + list(extra_dirs)
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     paths = [_find_idx(dirs, s) for s in stems]
     if any(p is None for p in paths) and download:
@@ -195,7 +220,7 @@ def _load_idx_dataset(name, tv_folder, tv_class, root, download, extra_dirs=()):
     if any(p is None for p in paths):
         raise _missing(name, dirs)
     xtr, ytr, xte, yte = (read_idx(p) for p in paths)
-    return xtr[:, None] / 255.0, ytr, xte[:, None] / 255.0, yte, []
+    return xtr[:, None] / 255.0, ytr, xte[:, None] / 255.0, yte, [], os.path.dirname(paths[0])
 
 
 def _unpickle(path):

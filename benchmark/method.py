@@ -33,6 +33,11 @@ class Task:
     progress: bool = False
     log_images_every: int = 0
 
+    def __post_init__(self):
+        # the rule: a task's data lives on its device once (cached per device); indices stay CPU-drawn
+        if hasattr(self.dataset, "on"):
+            self.dataset = self.dataset.on(self.device)
+
 
 @dataclass
 class BaseConfig:
@@ -122,7 +127,7 @@ class Method:
 
     def metadata(self, task, **extra):
         return {"method": self.name, "config": dataclasses.asdict(self.config), "dataset": task.dataset.full_name,
-                "ipc": task.ipc, "seed": task.seed, **provenance(), **extra}
+                "ipc": task.ipc, "seed": task.seed, **provenance(task.device), **extra}
 
 
 def _config_changes(saved, current):

@@ -22,6 +22,17 @@ from .suites import Cell, Suite
 CHECKPOINT_MINUTES = 10  # a cell also checkpoints every 10 minutes of wall time: an abrupt stop loses at most that
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """How a suite's cells run (the same for every cell): where the data is, whether torchvision may download it,
+    the device, TensorBoard logging, torch threads per cell."""
+    data_root: str = None
+    download: bool = False
+    device: str = "cpu"
+    log: bool = True
+    threads: int = None
+
+
 class RunPaths:
     def __init__(self, run_root, suite_name):
         self.root = os.path.join(run_root, suite_name)
@@ -86,11 +97,13 @@ def read_records(run_root, suite_name):
     return out
 
 
-def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", log=True, threads=None):
+def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", log=True, threads=None,
+             download=False):
     """Distil and evaluate one cell; returns the record (also written to disk)."""
     import torch
 
     from . import allocator
+    from . import device as devices
     from .registry import load_plugin
 
     allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
@@ -98,16 +111,21 @@ def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", l
         load_plugin(module)
     if threads:
         torch.set_num_threads(threads)
+    device = devices.resolve(device)
+    devices.configure(device)
+    if devices.is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    opts = RunOptions(data_root, download, device, log, threads)
     paths = RunPaths(run_root, suite.name)
     paths.ensure()  # a Ray worker on another machine may not have the run root yet
     with cell_lock(paths, cell):
         finished = _read_json(paths.record(cell))
         if finished is not None:
             return finished  # another run of the suite finished it since this one listed its pending cells
-        return _run_cell_locked(suite, cell, paths, data_root, device, log)
+        return _run_cell_locked(suite, cell, paths, opts)
 
 
-def _run_cell_locked(suite, cell, paths, data_root, device, log):
+def _run_cell_locked(suite, cell, paths, opts):
     from evaluation import evaluate
 
     from .datasets import get_dataset
@@ -116,7 +134,10 @@ def _run_cell_locked(suite, cell, paths, data_root, device, log):
     from .registry import create_method
     from .synthetic import provenance
 
-    ds = get_dataset(cell.dataset, data_root or suite.data_root or None)
+    from .device import device_record
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    device, log = opts.device, opts.log
+    ds = get_dataset(cell.dataset, opts.data_root or suite.data_root or None, opts.download)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if log else None, cell.key)
     every = max(1, getattr(method.config, "iterations", 10) // 10)
@@ -153,8 +174,10 @@ def _run_cell_locked(suite, cell, paths, data_root, device, log):
         "distill_seconds": t_distill, "distill_segments": synset.metadata.get("distill_segments"),
         "eval_seconds": sum(e["seconds"] for e in evals.values()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **provenance(),
+        "started": started, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(device), **device_record(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "data_source": getattr(ds, "source", None),
     }
     if ds.corruption:
         record.update(corruption_stats(ds, synset))
@@ -340,10 +363,11 @@ def corruption_stats(ds, synset):
     return out
 
 
-def _safe_run_cell(suite, cell, run_root, data_root, device, log, threads):
+def _safe_run_cell(suite, cell, run_root, opts: RunOptions):
     """Run one cell; never raises: returns ('ok', record) or ('failed', message)."""
     try:
-        return "ok", run_cell(suite, cell, run_root, data_root, device, log, threads)
+        return "ok", run_cell(suite, cell, run_root, opts.data_root, opts.device, opts.log, opts.threads,
+                              opts.download)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
         msg = f"{type(e).__name__}: {e}"
         detail = traceback.format_exc()
@@ -362,16 +386,29 @@ def pending_cells(suite, run_root):
 
 
 def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, address=None, data_root=None,
-              device="cpu", log=True, progress=True, echo=print):
-    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message))."""
+              device="cpu", log=True, progress=True, echo=print, download=False, gpus_per_cell=None):
+    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)).
+    download: torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
+    gpus_per_cell: the Ray executor's GPU request per cell (default 1 on CUDA, 0 otherwise; a test sets it to
+    exercise GPU scheduling on a CPU machine with fake GPU resources)."""
+    from . import device as devices
     from .registry import LOADED_PLUGINS
+    if executor not in ("inline", "process", "ray"):
+        raise BenchmarkError(f"unknown executor {executor!r} (inline, process, ray)")
+    if not (executor == "ray" and address):  # a remote cluster's head may have no GPU: its workers are checked
+        device = devices.resolve(device)
     suite = dataclasses.replace(suite, plugins=list(dict.fromkeys([*suite.plugins, *LOADED_PLUGINS])))
     paths = RunPaths(run_root, suite.name)
     paths.ensure()
     cells = pending_cells(suite, run_root)
+    opts = RunOptions(data_root, download, device, log)
+    if download and cells:  # fetch once, not once per worker at the same time
+        from .datasets import get_dataset
+        for name in dict.fromkeys(c.dataset for c in cells):
+            get_dataset(name, data_root or suite.data_root or None, download=True)
     total = len(suite.cells())
     echo(f"suite {suite.name}: {total} cells, {total - len(cells)} already done, {len(cells)} to run "
-         f"({executor} executor)")
+         f"({executor} executor, device {device})")
     failures, done = [], 0
     bar = None
     if progress and cells:
@@ -393,22 +430,40 @@ def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, ad
 
     if executor == "inline":
         for cell in cells:
-            report(cell, *_safe_run_cell(suite, cell, run_root, data_root, device, log, None))
+            report(cell, *_safe_run_cell(suite, cell, run_root, opts))
     elif executor == "process":
-        workers = workers or max(1, (os.cpu_count() or 2) // 2)
-        threads = max(1, (os.cpu_count() or 2) // workers)
-        _run_processes(suite, cells, run_root, data_root, device, log, workers, threads, report)
-    elif executor == "ray":
-        _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report)
+        slots = gpu_slots(device, workers)
+        n = len(slots) if slots else (workers or max(1, (os.cpu_count() or 2) // 2))
+        opts.threads = max(1, (os.cpu_count() or 2) // n)
+        if slots:
+            opts.device = "cuda"  # each worker sees exactly one GPU (CUDA_VISIBLE_DEVICES), as cuda:0
+        _run_processes(suite, cells, run_root, opts, slots or [{}] * n, report)
     else:
-        raise BenchmarkError(f"unknown executor {executor!r} (inline, process, ray)")
+        _run_ray(suite, cells, run_root, opts, address, workers, report, gpus_per_cell)
     if bar is not None:
         bar.close()
     return done, failures
 
 
-def _cell_process(conn, suite, cell, run_root, data_root, device, log, threads):
-    conn.send(_safe_run_cell(suite, cell, run_root, data_root, device, log, threads))
+def gpu_slots(device, workers=None, visible=None, count=None):
+    """The process executor's worker slots on CUDA: one per GPU, each an environment pinning it
+    ({'CUDA_VISIBLE_DEVICES': physical id}). 'cuda' uses every visible GPU, 'cuda:N' only GPU N; ids are
+    translated through the parent's own CUDA_VISIBLE_DEVICES. [] for the CPU."""
+    from . import device as devices
+    if not devices.is_cuda(device):
+        return []
+    import torch
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    count = torch.cuda.device_count() if count is None else count
+    ids = [v.strip() for v in visible.split(",") if v.strip()][:count] if visible else [str(i) for i in range(count)]
+    index = torch.device(device).index
+    if index is not None:
+        ids = [ids[index]]
+    return [{"CUDA_VISIBLE_DEVICES": i} for i in ids[:workers or len(ids)]]
+
+
+def _cell_process(conn, suite, cell, run_root, opts):
+    conn.send(_safe_run_cell(suite, cell, run_root, opts))
     conn.close()
 
 
@@ -420,28 +475,46 @@ def _receive(conn):
         return None
 
 
-def _run_processes(suite, cells, run_root, data_root, device, log, workers, threads, report):
-    """One fresh (spawned) process per cell, at most `workers` at a time. A worker that dies (kill -9, OOM killer,
-    a segfault in a library) fails only its own cell; a pool whose broken worker takes every pending cell down with
-    it (concurrent.futures) is exactly what this avoids. The cell's checkpoint stays for the next run."""
+@contextlib.contextmanager
+def _environment(env):
+    """Set environment variables for a child about to be spawned (it copies the environment when it starts)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_processes(suite, cells, run_root, opts, slots, report):
+    """One fresh (spawned) process per cell, at most one per slot at a time (a slot: an environment, e.g. the GPU
+    it pins). A worker that dies (kill -9, OOM killer, a segfault in a library) fails only its own cell; a pool
+    whose broken worker takes every pending cell down with it (concurrent.futures) is exactly what this avoids.
+    The cell's checkpoint stays for the next run."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    queue, running = list(cells), {}
+    queue, running, free = list(cells), {}, list(range(len(slots)))
     while queue or running:
-        while queue and len(running) < workers:
-            cell = queue.pop(0)
+        while queue and free:
+            cell, slot = queue.pop(0), free.pop(0)
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_cell_process, args=(send, suite, cell, run_root, data_root, device, log, threads))
-            p.start()
+            p = ctx.Process(target=_cell_process, args=(send, suite, cell, run_root, opts))
+            with _environment(slots[slot]):
+                p.start()
             send.close()
-            running[p] = (cell, recv)
+            running[p] = (cell, recv, slot)
         for p in list(running):
-            cell, recv = running[p]
+            cell, recv, slot = running[p]
             result = _receive(recv)
             if result is None and p.is_alive():
                 continue
             p.join()
             del running[p]
+            free.append(slot)
             result = result or _receive(recv) or (
                 "failed", f"worker died (exit code {p.exitcode}); its checkpoint is kept: rerun the suite to resume")
             recv.close()
@@ -449,11 +522,14 @@ def _run_processes(suite, cells, run_root, data_root, device, log, workers, thre
         time.sleep(0.05)
 
 
-def _run_ray(suite, cells, run_root, data_root, device, log, address, workers, report):
+def _run_ray(suite, cells, run_root, opts, address, workers, report, gpus_per_cell=None):
+    """Every cell is a Ray task. On CUDA each task requests one GPU; Ray pins it (CUDA_VISIBLE_DEVICES) and the
+    task runs on 'cuda' (its only visible GPU), whatever index --device named."""
     try:
         import ray
     except ImportError:
         raise BenchmarkError("the Ray executor needs ray: pip install -e '.[ray]'") from None
+    from . import device as devices
     started = False
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": workers or os.cpu_count(), "include_dashboard": False}
@@ -461,11 +537,18 @@ def _run_ray(suite, cells, run_root, data_root, device, log, address, workers, r
             kw["_temp_dir"] = os.environ["RAY_TMPDIR"]
         ray.init(ignore_reinit_error=True, log_to_driver=False, **kw)
         started = True
-    gpus = 1 if device.startswith("cuda") else 0
+    cuda = devices.is_cuda(opts.device)
+    gpus = (1 if cuda else 0) if gpus_per_cell is None else gpus_per_cell
+    if cuda and ray.cluster_resources().get("GPU", 0) < 1:
+        if started:
+            ray.shutdown()
+        raise BenchmarkError(f"--device {opts.device}: the Ray cluster has no GPU resource; start its nodes on GPU "
+                             f"machines (ray start ... detects them) or use --device cpu")
+    opts = dataclasses.replace(opts, device="cuda" if cuda else opts.device, threads=1)
     remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_safe_run_cell)
     # the driver's working directory and sys.path are the workers' too on a local cluster; on a remote cluster the
     # package must be installed on every node (pip install -e .).
-    refs = {remote.remote(suite, c, os.path.abspath(run_root), data_root, device, log, 1): c for c in cells}
+    refs = {remote.remote(suite, c, os.path.abspath(run_root), opts): c for c in cells}
     pending = list(refs)
     try:
         while pending:

@@ -71,7 +71,9 @@ class SyntheticSet:
         stage_of = torch.as_tensor(self.extras["stage_of"])
         for k in range(len(stages)):
             keep |= stage_of == k
-            out.append(self.training_data(dataset, self.images.detach()[keep], self.labels[keep]))
+            rows = keep.nonzero().flatten()  # on the host: a mask on the device would cost a sync
+            out.append(self.training_data(dataset, self.images.detach()[rows.to(self.images.device)],
+                                          self.labels[rows.to(self.labels.device)]))
         return out
 
     def check_fits(self, dataset):
@@ -173,13 +175,14 @@ def code_commit():
     return commit_of(os.path.dirname(os.path.abspath(__file__)))
 
 
-def provenance():
-    """Commit, library versions and hardware, recorded with every result."""
+def provenance(device="cpu"):
+    """Commit, library versions and hardware (the GPU that ran it for cuda[:N]), recorded with every result."""
     import kornia
 
     from . import allocator
     commit = code_commit()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    from .device import device_name
+    dev = device_name(device)
     return {"commit": commit, "torch": str(torch.__version__), "kornia": str(kornia.__version__),
             "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",
             "threads": torch.get_num_threads(), "allocator": allocator.mode()}

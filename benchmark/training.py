@@ -1,19 +1,22 @@
 """Training loops on in-memory tensors (no DataLoader: the data is resident), shared by the methods' inner training
-and the evaluation harness."""
+and the evaluation harness. No host synchronisation inside a step: index batches move to the data's device without
+one, and the loss is accumulated on the device (read once by the caller, if at all)."""
 import torch
 import torch.nn.functional as F
 
 from .augment import cutmix, cutmix_loss
+from .device import to_device
 
 
 def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
                 lr_schedule=None):
     """SGD on (x, y). Either `epochs` (shuffled passes, the last batch may be short) or `steps` (batches drawn from
     a shuffled stream). `aug`: a DSA (independent per-image draws). `cutmix_p`: probability of CutMix per batch.
-    `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch."""
+    `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch (with
+    `epochs`) or over the steps, as a 0-d tensor on the data's device (float() it where the value is needed)."""
     net.train()
     n = len(y)
-    last = 0.0
+    last = torch.zeros((), device=x.device)
     if epochs is not None:
         for ep in range(epochs):
             if lr_schedule is not None:
@@ -22,7 +25,7 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
             perm = torch.randperm(n, generator=gen)
             tot = 0.0
             for s in range(0, n, batch):
-                tot += _step(net, x, y, perm[s:s + batch], opt, aug, gen, cutmix_p) * len(perm[s:s + batch])
+                tot = tot + _step(net, x, y, perm[s:s + batch], opt, aug, gen, cutmix_p) * len(perm[s:s + batch])
             last = tot / n
         return last
     perm, pos, tot = torch.randperm(n, generator=gen), 0, 0.0
@@ -31,11 +34,12 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + batch]
         pos += batch
-        tot += _step(net, x, y, idx, opt, aug, gen, cutmix_p)
-    return tot / max(steps, 1)
+        tot = tot + _step(net, x, y, idx, opt, aug, gen, cutmix_p)
+    return torch.as_tensor(tot, device=x.device) / max(steps, 1)
 
 
 def _step(net, x, y, idx, opt, aug, gen, cutmix_p):
+    idx = to_device(idx, x.device)
     xb, yb = x[idx], y[idx]
     if aug is not None:
         xb = aug(xb, generator=gen)
@@ -47,13 +51,13 @@ def _step(net, x, y, idx, opt, aug, gen, cutmix_p):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 @torch.no_grad()
 def accuracy(net, x, y, batch=1024):
     net.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
     for s in range(0, len(y), batch):
-        correct += (net(x[s:s + batch]).argmax(1) == y[s:s + batch]).sum().item()
-    return correct / max(len(y), 1)
+        correct += (net(x[s:s + batch]).argmax(1) == y[s:s + batch]).sum()
+    return int(correct) / max(len(y), 1)  # one host read per evaluation

@@ -89,7 +89,9 @@ def resolve_protocol(name, synset=None) -> Protocol:
 
 
 def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=0, device="cpu", net_kwargs=None):
-    """Train one fresh network through the stages ([(x, y)], cumulative) and return its final test accuracy."""
+    """Train one fresh network through the stages ([(x, y)], cumulative) and return its final test accuracy. The
+    stages and the dataset's test split are used on `device` (moved once by `evaluate`, not per network)."""
+    dataset = dataset.on(device)
     gen = torch.Generator().manual_seed(seed)
     net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed,
                       **(net_kwargs or {})).to(device)
@@ -99,10 +101,11 @@ def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=
                               weight_decay=protocol.weight_decay)
         loss = train_steps(net, x.to(device), y.to(device), opt, epochs=protocol.epochs, batch=protocol.batch,
                            aug=aug, gen=gen, cutmix_p=protocol.cutmix_p, lr_schedule=protocol.lr_at)
+        loss = float(loss)  # one host read per stage
         if not math.isfinite(loss):
             raise BenchmarkError(f"evaluation training diverged (loss {loss}) under protocol {protocol.name}; "
                                  f"the synthetic set may hold extreme values.")
-    return accuracy(net, dataset.x_test.to(device), dataset.y_test.to(device))
+    return accuracy(net, dataset.x_test, dataset.y_test)
 
 
 def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, seed=0, device="cpu",
@@ -113,7 +116,8 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
     each network, for a caller that persists progress."""
     synset.check_fits(dataset)
     proto = resolve_protocol(protocol, synset)
-    stages = synset.stage_data(dataset)
+    dataset = dataset.on(device)
+    stages = [(x.to(device), y.to(device)) for x, y in synset.stage_data(dataset)]
     t0 = time.perf_counter()
     accs = list((resume or {}).get("accuracies", []))[:num_eval]
     before = float((resume or {}).get("seconds", 0.0))

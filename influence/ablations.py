@@ -64,6 +64,7 @@ class SelectConfig:
     base_preset: str = ""
     num_nets: int = 2
     chunk: int = 512
+    base_set: tuple = ()          # key=value overrides of the base method (e.g. --set base_set=iterations=50)
 
 
 class _UsesBase(Method):
@@ -75,7 +76,7 @@ class _UsesBase(Method):
         return apply_overrides(cfg, overrides)
 
     def base_method(self):
-        return create_method(self.config.base, self.config.base_preset or None)
+        return create_method(self.config.base, self.config.base_preset or None, list(self.config.base_set))
 
     def whole_set_scores(self, task):
         return score_training_set(self.base_method(), task, reference_set(task), self.config.num_nets,

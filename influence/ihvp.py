@@ -84,9 +84,13 @@ class HVP:
         return [(torch.zeros_like(vi) if h is None else h.detach()) + self.damping * vi for h, vi in zip(hv, v)]
 
 
-def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None):
+def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None, check_every=10):
     """Conjugate gradient on (H + damping I) h = v, stopping at ||r|| <= tol * ||v||. x0: the starting point (a
-    warm start: a previous, nearby system's solution; costs one extra product), zeros by default."""
+    warm start: a previous, nearby system's solution; costs one extra product), zeros by default.
+
+    No host read per iteration: the stopping tests (converged, non-positive curvature) are device flags that freeze
+    the iterate (torch.where), read on the host every `check_every` iterations (to skip products once every test
+    has stopped) and once at the end. The iterates are exactly those of a CG that breaks at the same test."""
     if x0 is None:
         x = [torch.zeros_like(t) for t in v]
         r = [t.clone() for t in v]
@@ -95,25 +99,34 @@ def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None):
         r = [vi - ai for vi, ai in zip(v, hvp(x))]
     p = [t.clone() for t in r]
     rs = _dot(r, r)
-    vnorm = float(_dot(v, v).sqrt()) or 1.0  # relative to ||v||, not to the (warm) start's residual
-    info = SolveInfo("cg")
+    vn = _dot(v, v).sqrt()
+    vnorm = torch.where(vn > 0, vn, torch.ones_like(vn))  # relative to ||v||, not to the (warm) start's residual
+    active = torch.ones((), dtype=torch.bool, device=rs.device)
+    nonpositive_at = torch.full((), -1, dtype=torch.long, device=rs.device)
+    iterations = torch.zeros((), dtype=torch.long, device=rs.device)
     for i in range(max_iter):
-        if float(rs.sqrt()) <= tol * vnorm or rs == 0:
+        if i and i % check_every == 0 and not bool(active):
             break
+        active = active & (rs.sqrt() > tol * vnorm) & (rs != 0)
         ap = hvp(p)
         pap = _dot(p, ap)
-        if not torch.isfinite(pap) or pap <= 0:
-            info.note = f"non-positive curvature at CG iteration {i} (raise damping)"
-            info.converged = False
-            break
+        bad = ~torch.isfinite(pap) | (pap <= 0)
+        nonpositive_at = torch.where(active & bad & (nonpositive_at < 0), i, nonpositive_at)
+        active = active & ~bad
         alpha = rs / pap
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        rs_new = _dot(r, r)
-        p = _axpy(rs_new / rs, p, r)
-        rs = rs_new
-        info.iterations = i + 1
-    info.residual = float(rs.sqrt()) / vnorm
+        x = [torch.where(active, xi, xo) for xi, xo in zip(_axpy(alpha, p, x), x)]
+        r_new = [torch.where(active, ri, ro) for ri, ro in zip(_axpy(-alpha, ap, r), r)]
+        rs_new = _dot(r_new, r_new)
+        p = [torch.where(active, pi, po) for pi, po in zip(_axpy(rs_new / rs, p, r_new), p)]
+        r, rs = r_new, torch.where(active, rs_new, rs)
+        iterations = iterations + active.long()
+    # one host read per solve
+    its, bad_at, residual = torch.stack([iterations.double(), nonpositive_at.double(),
+                                         (rs.sqrt() / vnorm).double()]).tolist()
+    info = SolveInfo("cg", iterations=int(its), residual=residual)
+    if bad_at >= 0:
+        info.note = f"non-positive curvature at CG iteration {int(bad_at)} (raise damping)"
+        info.converged = False
     info.converged = info.converged and info.residual <= tol
     return x, info
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.device import to_device
 from benchmark.errors import BenchmarkError
 from benchmark.logging import log_histogram
 from benchmark.method import NonFiniteError
@@ -63,8 +64,9 @@ def influence_weights(scores, tau, standardize=True):
 
 
 def effective_sample_size(weights):
-    """Kish's effective sample size of normalised weights: 1 / sum w^2 (n for uniform weights, 1 for a one-hot)."""
-    return float(1.0 / (weights ** 2).sum())
+    """Kish's effective sample size of normalised weights: 1 / sum w^2 (n for uniform weights, 1 for a one-hot), as
+    a 0-d tensor on the weights' device (no host read inside a matching step)."""
+    return 1.0 / (weights ** 2).sum()
 
 
 def _validate(self):
@@ -116,12 +118,13 @@ def influence_weighted(cls=None, *, name=None):
             x0 = getattr(self, "_h_prev", None) if c.warm_start else None
             scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0)
             self._h_prev = info.get("solution")
-            if not all(torch.isfinite(s).all() for s in scores):  # never let NaN/Inf reach the weights
-                raise NonFiniteError(
-                    f"{self.name}: non-finite influence scores at iteration {step.iteration} (matching step "
-                    f"{step.local_step}{', solver: ' + info['solver_note'] if info.get('solver_note') else ''}); "
-                    f"last good checkpoint: {getattr(self, '_last_ckpt', None) or 'none (set --checkpoint-every)'}."
-                    f" Lower lr_img, raise damping, or use solver=cg.")
+            finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
+            where = (step.iteration, step.local_step, info.get("solver_note") or "")
+            pending = getattr(self, "_finite_checks", None)
+            if pending is None:  # called outside an iteration: check now
+                self._raise_if_nonfinite([(finite, where)])
+            else:  # read on the host once per iteration (no sync per matching step); nothing is saved before it
+                pending.append((finite, where))
             if info.get("implicit"):
                 self._damping_now = info["solver_damping"] / cfg.damping_growth
             weights = [influence_weights(s, c.tau, c.standardize) for s in scores]
@@ -129,8 +132,8 @@ def influence_weighted(cls=None, *, name=None):
             stats = getattr(self, "_iwd_stats", None)
             if stats is not None:
                 stats["time/influence_s"] = stats.get("time/influence_s", 0.0) + time.perf_counter() - t0
-                ess = [effective_sample_size(w) / len(w) for w in weights]
-                stats["iwd/relative_ess"] = sum(ess) / len(ess)
+                ess = torch.stack([effective_sample_size(w) / len(w) for w in weights])
+                stats["iwd/relative_ess"] = ess.mean()  # a device scalar, read once per iteration
                 if info.get("implicit"):
                     stats["iwd/solver_iterations"] = float(info["solver_iterations"])
                     stats["iwd/solver_residual"] = float(info["solver_residual"])
@@ -140,14 +143,27 @@ def influence_weighted(cls=None, *, name=None):
                     log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
             return weights
 
+        def _raise_if_nonfinite(self, checks):
+            if not checks:
+                return
+            ok = torch.stack([f for f, _ in checks]).cpu()
+            if bool(ok.all()):
+                return
+            it, k, note = checks[int((~ok).nonzero()[0])][1]
+            raise NonFiniteError(
+                f"{self.name}: non-finite influence scores at iteration {it} (matching step "
+                f"{k}{', solver: ' + note if note else ''}); last good checkpoint: "
+                f"{getattr(self, '_last_ckpt', None) or 'none (set --checkpoint-every)'}."
+                f" Lower lr_img, raise damping, or use solver=cg.")
+
         def _track(self, step, scores):
             state = getattr(self, "_iwd_state", None)
             if state is None:
                 return
             beta = self.config.track_beta
-            ema, count = state["influence_ema"], state["influence_count"]
+            ema, count = state["influence_ema"], state["influence_count"]  # on the task's device
             for b, s in zip(step.batches, scores):
-                idx, s = b.index.cpu(), s.detach().cpu().to(ema.dtype)
+                idx, s = to_device(b.index, ema.device), s.detach().to(ema.dtype)
                 fresh = count[idx] == 0
                 ema[idx] = torch.where(fresh, s, beta * ema[idx] + (1 - beta) * s)
                 count[idx] += 1
@@ -162,17 +178,24 @@ def influence_weighted(cls=None, *, name=None):
         def iteration(self, task, state, it, gen):
             # per-iteration solver memory (damping, warm start) starts afresh: a resumed run stays exact
             self._iwd_state, self._iwd_stats, self._damping_now, self._h_prev = state, {}, 0.0, None
+            self._finite_checks = []
+            for k in ("influence_ema", "influence_count"):
+                state[k] = state[k].to(task.device)
             t0 = time.perf_counter()
-            out = super().iteration(task, state, it, gen)
-            out.update(self._iwd_stats)
+            try:
+                out = super().iteration(task, state, it, gen)
+            finally:
+                checks, self._finite_checks = self._finite_checks, None
+            self._raise_if_nonfinite(checks)
+            out.update({k: float(v) for k, v in self._iwd_stats.items()})
             out["time/matching_s"] = time.perf_counter() - t0 - self._iwd_stats.get("time/influence_s", 0.0)
             self._iwd_state = self._iwd_stats = None
             return out
 
         def result(self, task, state):
             out = super().result(task, state)
-            out.extras["influence"] = {"ema": state["influence_ema"].clone(),
-                                       "count": state["influence_count"].clone()}
+            out.extras["influence"] = {"ema": state["influence_ema"].cpu().clone(),
+                                       "count": state["influence_count"].cpu().clone()}
             return out
 
     IWDMethod.__name__ = IWDMethod.__qualname__ = "IWD" + cls.__name__

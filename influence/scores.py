@@ -59,7 +59,7 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         g_m = objective_gradient(step, weights)
     xh, yh = x, y
     if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
-        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device)
+        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device, non_blocking=True)
         xh, yh = x[rows], y[rows]
     outputs = None
     if step.instance_outputs is not None and step.output_loss is not None:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.device import to_device
 from benchmark.method import Method
 from benchmark.networks import get_network
 from benchmark.registry import register_method
@@ -14,7 +15,8 @@ from benchmark.training import train_steps
 def selection_set(method, task, idx, **extras):
     """A synthetic set made of the real training images `idx` (selection methods)."""
     ds = task.dataset
-    return SyntheticSet(ds.x_train[idx].clone(), ds.y_train[idx].clone(), "normalized",
+    on_dev = to_device(idx, ds.x_train.device)
+    return SyntheticSet(ds.x_train[on_dev].clone(), ds.host.y_train[idx].clone(), "normalized",
                         {"selected_index": idx, **extras}, method.metadata(task, evaluation_hint="select"))
 
 
@@ -50,14 +52,14 @@ _FEATURE_NETS = {}
 def feature_network(task, cfg):
     """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed)."""
     ds = task.dataset
-    key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed)
+    key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed, str(task.device))
     if key in _FEATURE_NETS:
         return _FEATURE_NETS[key]
-    net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed)
+    net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
     cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
     path = os.path.join(cache, f"herding-{ds.full_name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
     try:
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
     except Exception:  # noqa: BLE001 - missing or stale cache: train it
         gen = torch.Generator().manual_seed(task.seed)
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
@@ -66,7 +68,7 @@ def feature_network(task, cfg):
         try:
             os.makedirs(cache, exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
-            torch.save(net.state_dict(), tmp)
+            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp)
             os.replace(tmp, path)
         except OSError:
             pass  # an unwritable cache only costs time
@@ -106,8 +108,10 @@ class Herding(Method):
         with torch.no_grad():
             for c in range(ds.num_classes):
                 ix = ds.class_indices[c]
-                feats = torch.cat([net.embed(ds.x_train[ix[s:s + 1024]]) for s in range(0, len(ix), 1024)])
-                picked.append(ix[herding_select(feats.double(), task.ipc)])
+                ix_dev = to_device(ix, ds.x_train.device)
+                feats = torch.cat([net.embed(ds.x_train[ix_dev[s:s + 1024]]) for s in range(0, len(ix), 1024)])
+                # the greedy selection reads an argmin per pick: on the host, one copy per class
+                picked.append(ix[herding_select(feats.double().cpu(), task.ipc)])
         return selection_set(self, task, torch.cat(picked))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark.device import to_device
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
@@ -57,7 +58,7 @@ def _init_images(task, gen, per_class, init):
     ds = task.dataset
     if init == "real":
         idx = torch.cat([ds.sample_class(c, per_class, gen) for c in range(ds.num_classes)])
-        return ds.x_train[idx].clone()
+        return ds.x_train[to_device(idx, ds.x_train.device)].clone()
     return torch.randn((ds.num_classes * per_class, ds.channels, *ds.image_size), generator=gen)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from benchmark.augment import DSA, strategy_for
+from benchmark.device import to_device
 from benchmark.method import IterativeMethod
 from benchmark.networks import get_network
 from benchmark.protocol import MatchingStep, RealBatch, WeightedMatching
@@ -81,7 +82,7 @@ class DM(WeightedMatching, IterativeMethod):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        state["images"] = leaf.detach().cpu()
+        state["images"] = leaf.detach()  # the state lives on the task's device
         state["opt_img"] = opt.state_dict()
         return {"loss": float(loss.detach()) / ds.num_classes}
 
@@ -93,8 +94,9 @@ class DM(WeightedMatching, IterativeMethod):
         batches, real_aug, syn_aug = [], [], []
         for g, c in enumerate(classes):
             idx = real_indices[c] if real_indices is not None else ds.sample_class(c, cfg.batch_real, gen)
-            xr = ds.x_train[idx].to(task.device)
-            batches.append(RealBatch(xr, ds.y_train[idx].to(task.device), idx, c))
+            on_dev = to_device(idx, ds.x_train.device)  # data on the task's device; indices CPU-drawn
+            xr = ds.x_train[on_dev]
+            batches.append(RealBatch(xr, ds.y_train[on_dev], idx, c))
             xs = leaf[g * ipc:(g + 1) * ipc]
             if dsa is not None:
                 xr, xs = dsa.siamese(xr, xs, gen)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from benchmark.device import to_device
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet, decode_multi_formation
 from benchmark.training import train_steps
@@ -100,7 +101,7 @@ class IDC(GradientMatching):
             ix = ds.class_indices[c]
             pick = ix[torch.randperm(len(ix), generator=gen)[:n]] if n <= len(ix) else \
                 ix[torch.randint(len(ix), (n,), generator=gen)]
-            x = ds.denormalize(ds.x_train[pick]).clamp(0, 1)
+            x = ds.denormalize(ds.x_train[to_device(pick, ds.x_train.device)]).clamp(0, 1)
             if f > 1:
                 x = F.interpolate(x, size=(h // f, w // f), mode="bilinear", align_corners=False)
                 x = x.reshape(task.ipc, f, f, ds.channels, h // f, w // f).permute(0, 3, 1, 4, 2, 5)

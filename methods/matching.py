@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmark.augment import DSA, strategy_for
+from benchmark.device import to_device
 from benchmark.method import IterativeMethod
 from benchmark.protocol import MatchingStep, RealBatch, WeightedMatching
 
@@ -54,15 +55,16 @@ def weighted_grad(net, params, x, y, weights, create_graph=False):
     return torch.autograd.grad((weights * losses).sum(), params, create_graph=create_graph)
 
 
-def freeze_batchnorm(net, real_x):
-    """The reference's BatchNorm handling: one train-mode pass over a few real images per class sets the running
-    statistics, then BN layers switch to eval mode (frozen) for matching."""
+def freeze_batchnorm(net, dataset, idx):
+    """The reference's BatchNorm handling: one train-mode pass over a few real images per class (`idx`) sets the
+    running statistics, then BN layers switch to eval mode (frozen) for matching. Networks without BatchNorm gather
+    nothing (the indices are still drawn by the caller, so the random stream does not depend on the network)."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
     net.train()
     with torch.no_grad():
-        net(real_x)
+        net(dataset.x_train[to_device(idx, dataset.x_train.device)])
     for m in bns:
         m.eval()
 
@@ -92,8 +94,8 @@ class GradientMatching(WeightedMatching, IterativeMethod):
         batches, aug_params, syn_stats = [], [], []
         for c in classes:
             idx = real_indices[c] if real_indices is not None else ds.sample_class(c, cfg.batch_real, gen)
-            xr = ds.x_train[idx].to(task.device)
-            batches.append(RealBatch(xr, ds.y_train[idx].to(task.device), idx, c))
+            on_dev = to_device(idx, ds.x_train.device)  # data on the task's device; indices CPU-drawn
+            batches.append(RealBatch(ds.x_train[on_dev], ds.y_train[on_dev], idx, c))
             aug_params.append(dsa.sample(1, ds.image_size[0], gen, siamese=True) if dsa is not None else None)
         metric = self.metric(task)
 
@@ -173,7 +175,7 @@ class GradientMatching(WeightedMatching, IterativeMethod):
         k_steps, losses = self.match_steps(task), []
         for k in range(k_steps):
             bn_idx = torch.cat([ds.sample_class(c, 16, gen) for c in range(ds.num_classes)])
-            freeze_batchnorm(net, ds.x_train[bn_idx].to(task.device))
+            freeze_batchnorm(net, ds, bn_idx)
             syn = {}
             for c in range(ds.num_classes):
                 rows = slice(c * per_class, (c + 1) * per_class)
@@ -186,15 +188,15 @@ class GradientMatching(WeightedMatching, IterativeMethod):
             loss.backward()
             opt_img.step()
             self.after_image_step(leaf)
-            losses.append(float(loss.detach()) / ds.num_classes)
+            losses.append(loss.detach())  # read on the host once per iteration, not per step
             if k == k_steps - 1:
                 break
             self.train_between(task, net, opt_net, leaf.detach(), labels, gen)
-        images = state["images"].clone()
-        images[start:stop] = leaf.detach().cpu()
+        images = state["images"].to(task.device).clone()  # the state lives on the task's device
+        images[start:stop] = leaf.detach()
         state["images"] = images
         state["opt_img"] = opt_img.state_dict()
-        return {"loss": sum(losses) / len(losses)}
+        return {"loss": float((torch.stack(losses).double() / ds.num_classes).mean())}
 
     def scoring_step(self, task, synset, net_index, real_indices, gen):
         """A matching step of a fresh network (seeded by net_index) against a given synthetic set, with the given

@@ -1,0 +1,38 @@
+"""A tiny end-to-end run of a method on another device than the one its data was loaded on: the guard that keeps
+device mismatches from landing (the `meta` device stands in for CUDA on a CPU-only machine; any op mixing meta and
+CPU tensors raises, exactly as CPU and CUDA do). Works for any registered method, a user's plugin method too.
+"""
+import dataclasses
+
+# the loop lengths a tiny run shortens, where a method's config has them (others are left as the preset sets them)
+TINY_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 1,
+                  "feature_epochs": 1, "n_data": 64, "num_nets": 1, "solver_max_iter": 3, "batch_real": 16,
+                  "base_set": ("iterations=1",)}
+
+
+def tiny_config_overrides(method_cls, preset="quick"):
+    cfg = method_cls.make_config(preset if preset in method_cls.presets else None)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in TINY_OVERRIDES.items() if k in names}
+
+
+def run_on_device(method_name, dataset, device="meta", ipc=2, network="ConvNetD2", preset="quick", overrides=None):
+    """Distil one tiny iteration of `method_name` and evaluate the set for one epoch, with the task on `device`
+    (the dataset stays where it was loaded; the task copies it once). Returns the synthetic set. On `meta`, host
+    reads return zeros (device.meta_host_reads); mixing devices raises."""
+    import contextlib
+
+    from evaluation import evaluate, resolve_protocol
+
+    from .device import meta_host_reads
+    from .method import Task
+    from .registry import create_method, get_method
+    cls = get_method(method_name)
+    over = {**tiny_config_overrides(cls, preset), **(overrides or {})}
+    method = create_method(method_name, preset if preset in cls.presets else None, over)
+    reads = meta_host_reads() if str(device) == "meta" else contextlib.nullcontext()
+    with reads:
+        synset = method.distill(Task(dataset, ipc, 0, device))
+        protocol = dataclasses.replace(resolve_protocol("auto-quick", synset), epochs=1)
+        evaluate(synset, dataset, protocol, network, num_eval=1, device=device)
+    return synset
