@@ -302,6 +302,36 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
 
 @cli.command()
 @with_options(suite_options)
+@click.option("--device", default="cpu", show_default=True, help="The device to estimate time on (calibrated there).")
+@click.option("--all", "all_cells", is_flag=True,
+              help="Also finished cells, with their measured time beside the estimate (checks the estimate).")
+@click.option("--no-calibrate", is_flag=True, help="Count FLOPs and memory only (no timed run on the device).")
+def plan(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, device, all_cells,
+         no_calibrate):
+    """What a suite will cost before it runs: per pending cell its FLOPs per iteration (counted), iterations,
+    estimated distillation and evaluation time on DEVICE (from a short calibration run there) and peak memory;
+    totals per method and for the suite."""
+    from benchmark import device as devices
+    from benchmark.plan import format_plan, plan_suite
+    from benchmark.runner import pending_cells, read_records
+    device = devices.resolve(device)
+    devices.configure(device)
+    s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
+    cells = s.cells() if all_cells else pending_cells(s, run_root)
+    if not cells:
+        click.echo(f"suite {s.name}: every cell is finished under {run_root} (use --all to see their cost)")
+        return
+    import time
+    t0 = time.time()
+    rows, _ = plan_suite(s, cells, device, calibrate=not no_calibrate,
+                         progress=lambda m: click.echo(f"[{time.time() - t0:6.1f} s] {m}", err=True))
+    measured = {r["key"]: r["distill_seconds"] + r["eval_seconds"] for r in read_records(run_root, s.name)} \
+        if all_cells else None
+    click.echo(format_plan(s, rows, device, measured))
+
+
+@cli.command()
+@with_options(suite_options)
 def status(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root):
     """Where each cell of a suite stands: done, running (which process, which iteration), interrupted, failed,
     pending."""

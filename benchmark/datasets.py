@@ -125,15 +125,17 @@ class DatasetSpec:
     std: tuple
     loader: Callable
     how_to_get: str
+    splits: tuple = (0, 0)  # (train, test) sizes of the original files: what `plan` sizes a suite by
 
 
 _DATASETS: Dict[str, DatasetSpec] = {}
 _CACHE: Dict[tuple, Dataset] = {}
 
 
-def register_dataset(name, channels, size, num_classes, mean, std, how_to_get=""):
+def register_dataset(name, channels, size, num_classes, mean, std, how_to_get="", splits=(0, 0)):
     def deco(fn):
-        _DATASETS[name] = DatasetSpec(name, channels, size, num_classes, tuple(mean), tuple(std), fn, how_to_get)
+        _DATASETS[name] = DatasetSpec(name, channels, size, num_classes, tuple(mean), tuple(std), fn, how_to_get,
+                                      tuple(splits))
         return fn
     return deco
 
@@ -264,7 +266,7 @@ def _load_svhn(root, download):
     return out[0], out[1], out[2], out[3], []
 
 
-@register_dataset("digits", 1, 8, 10, mean=(0.3056,), std=(0.3761,),
+@register_dataset("digits", 1, 8, 10, mean=(0.3056,), std=(0.3761,), splits=(1257, 540),
                   how_to_get="It ships with scikit-learn: pip install scikit-learn.")
 def _load_digits(root, download):
     """scikit-learn's 8x8 digits (1797 images): a fixed stratified split, 70% train (1257) / 30% test (540),
@@ -277,7 +279,7 @@ def _load_digits(root, download):
     return xtr, ytr, xte, yte, [str(i) for i in range(10)]
 
 
-@register_dataset("fashion-mnist", 1, 28, 10, mean=(0.2861,), std=(0.3530,),
+@register_dataset("fashion-mnist", 1, 28, 10, mean=(0.2861,), std=(0.3530,), splits=(60000, 10000),
                   how_to_get="Install Debian's copy (apt-get install -y dataset-fashion-mnist, read from "
                              f"{DEBIAN_FASHION_MNIST}), or pass --data-root DIR holding FashionMNIST/raw/*-ubyte[.gz], "
                              "or add --download to fetch it with torchvision.")
@@ -286,13 +288,14 @@ def _load_fmnist(root, download):
                              extra_dirs=[DEBIAN_FASHION_MNIST])
 
 
-@register_dataset("mnist", 1, 28, 10, mean=(0.1307,), std=(0.3081,),
+@register_dataset("mnist", 1, 28, 10, mean=(0.1307,), std=(0.3081,), splits=(60000, 10000),
                   how_to_get="Pass --data-root DIR holding MNIST/raw/*-ubyte[.gz], or add --download.")
 def _load_mnist(root, download):
     return _load_idx_dataset("mnist", "MNIST", "MNIST", root, download)
 
 
 @register_dataset("cifar10", 3, 32, 10, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
+                  splits=(50000, 10000),
                   how_to_get="Pass --data-root DIR holding cifar-10-batches-py/, or add --download.")
 def _load_cifar10(root, download):
     return _load_cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
@@ -300,12 +303,14 @@ def _load_cifar10(root, download):
 
 
 @register_dataset("cifar100", 3, 32, 100, mean=(0.5071, 0.4866, 0.4409), std=(0.2673, 0.2564, 0.2762),
+                  splits=(50000, 10000),
                   how_to_get="Pass --data-root DIR holding cifar-100-python/, or add --download.")
 def _load_cifar100(root, download):
     return _load_cifar("cifar100", "cifar-100-python", ["train"], "test", "fine_labels", "CIFAR100", root, download)
 
 
 @register_dataset("svhn", 3, 32, 10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
+                  splits=(73257, 26032),
                   how_to_get="Pass --data-root DIR holding train_32x32.mat and test_32x32.mat (or DIR/svhn/), "
                              "or add --download.")
 def _load_svhn_reg(root, download):

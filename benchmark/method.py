@@ -151,6 +151,11 @@ class IterativeMethod(Method):
     def num_iterations(self, task):
         return self.config.iterations
 
+    def cost_iterations(self, task):
+        """[(iteration, how many iterations cost like it)]: what `run.py plan` counts FLOPs on. Default: every
+        iteration costs like the first."""
+        return [(0, self.num_iterations(task))]
+
     def init_state(self, task, gen) -> dict:
         raise NotImplementedError
 

@@ -102,7 +102,7 @@ def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None, check_every=10):
     vn = _dot(v, v).sqrt()
     vnorm = torch.where(vn > 0, vn, torch.ones_like(vn))  # relative to ||v||, not to the (warm) start's residual
     active = torch.ones((), dtype=torch.bool, device=rs.device)
-    nonpositive_at = torch.full((), -1, dtype=torch.long, device=rs.device)
+    nonpositive_at = torch.zeros((), dtype=torch.long, device=rs.device)  # 1 + the iteration; 0: none met
     iterations = torch.zeros((), dtype=torch.long, device=rs.device)
     for i in range(max_iter):
         if i and i % check_every == 0 and not bool(active):
@@ -111,7 +111,7 @@ def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None, check_every=10):
         ap = hvp(p)
         pap = _dot(p, ap)
         bad = ~torch.isfinite(pap) | (pap <= 0)
-        nonpositive_at = torch.where(active & bad & (nonpositive_at < 0), i, nonpositive_at)
+        nonpositive_at = torch.where(active & bad & (nonpositive_at == 0), i + 1, nonpositive_at)
         active = active & ~bad
         alpha = rs / pap
         x = [torch.where(active, xi, xo) for xi, xo in zip(_axpy(alpha, p, x), x)]
@@ -124,8 +124,8 @@ def cg_solve(hvp, v, max_iter=20, tol=1e-4, x0=None, check_every=10):
     its, bad_at, residual = torch.stack([iterations.double(), nonpositive_at.double(),
                                          (rs.sqrt() / vnorm).double()]).tolist()
     info = SolveInfo("cg", iterations=int(its), residual=residual)
-    if bad_at >= 0:
-        info.note = f"non-positive curvature at CG iteration {int(bad_at)} (raise damping)"
+    if bad_at > 0:
+        info.note = f"non-positive curvature at CG iteration {int(bad_at) - 1} (raise damping)"
         info.converged = False
     info.converged = info.converged and info.residual <= tol
     return x, info

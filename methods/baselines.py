@@ -58,6 +58,8 @@ def feature_network(task, cfg):
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
     cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
     path = os.path.join(cache, f"herding-{ds.full_name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
+    if str(task.device) == "meta" or ds.full_name.endswith("@shape-only"):
+        path = os.path.join(cache, "nonexistent", "no-cache")  # shapes or random data: never cached
     try:
         net.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
     except Exception:  # noqa: BLE001 - missing or stale cache: train it
@@ -66,6 +68,8 @@ def feature_network(task, cfg):
         train_steps(net, ds.x_train, ds.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch, gen=gen,
                     lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0))
         try:
+            if "no-cache" in path:
+                raise OSError
             os.makedirs(cache, exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp)

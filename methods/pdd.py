@@ -37,6 +37,10 @@ class Progressive:
     def num_iterations(self, task):
         return len(self._sizes(task)) * self.config.iterations
 
+    def cost_iterations(self, task):
+        # stage k conditions every fresh network on the k earlier stages: one count per stage
+        return [(k * self.config.iterations, self.config.iterations) for k in range(len(self._sizes(task)))]
+
     def _stage(self, task, it):
         return it // self.config.iterations
 

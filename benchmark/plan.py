@@ -1,0 +1,296 @@
+"""What a suite will cost before it runs: FLOPs counted, time calibrated on the device, peak memory estimated.
+
+For every pending cell:
+- FLOPs per iteration are COUNTED (torch's FlopCounterMode) by running the method's real iteration code at the
+  cell's exact settings on the `meta` device (shapes only: no data, no arithmetic, seconds for any dataset), over a
+  dataset of the real one's shape. Multi-stage methods count one iteration per stage (`cost_iterations`).
+- Peak memory of an iteration is tracked on the same meta run (torch's MemTracker: parameters, activations, the
+  graphs kept for double backward), plus the dataset resident on the device.
+- Evaluation FLOPs: networks x stages x epochs x training images x (forward+backward per image, counted) + the
+  test split's forward.
+- Time = FLOPs / the FLOP rate a short calibration run achieves ON THE DEVICE: per (method, dataset, variant), the
+  smallest pending IPC's settings with the loop counts shrunk (one iteration, <= 2 matching/inner steps; batch sizes,
+  network and image size unchanged) on random data of the dataset's shape; per evaluation network and protocol
+  batch, a few timed SGD steps. Data-dependent work (CG stopping early, DM's cheap iterations dominated by launch
+  overhead) is where the estimate can miss; `plan --all` puts measured times of finished cells beside it.
+"""
+import contextlib
+import dataclasses
+import math
+import time
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .datasets import Dataset, dataset_spec
+from .device import meta_host_reads, synchronize
+
+PROBE_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 2,
+                   "feature_epochs": 1, "base_set": ("iterations=1",)}
+
+
+def shape_dataset(name, per_class=None, device="meta", gen=None):
+    """A dataset with the shape of `name` (real class count, image size; the real split sizes, or per_class
+    images per class) filled with random data (or nothing, on meta). Labels are balanced."""
+    from . import corruptions
+    base = corruptions.parse(name)[0]
+    spec = dataset_spec(base)
+    n_train, n_test = spec.splits
+    c = spec.num_classes
+    n_train = per_class * c if per_class else n_train
+    n_test = min(n_test, 2 * c) if per_class else n_test
+    shape = (spec.channels, spec.size, spec.size)
+    labels = lambda n: torch.arange(c).repeat_interleave(math.ceil(n / c))[:n]  # noqa: E731
+    if device == "meta":
+        x_tr, x_te = torch.zeros(1, *shape).expand(n_train, *shape), torch.zeros(1, *shape).expand(n_test, *shape)
+    else:
+        x_tr, x_te = torch.randn(n_train, *shape, generator=gen), torch.randn(n_test, *shape, generator=gen)
+    ds = Dataset(base, x_tr, labels(n_train), x_te, labels(n_test), spec.mean, spec.std)
+    ds.full_name = f"{base}@shape-only"  # never the real data's name: caches (herding's features) stay apart
+    return ds.on(device)
+
+
+@contextlib.contextmanager
+def _counting():
+    """FLOPs and peak memory of what runs inside (on meta)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    out = {"flops": 0, "peak_bytes": None}
+    tracker = PeakMemory()
+    with meta_host_reads(), FlopCounterMode(display=False) as flops, tracker:
+        yield out
+    out["flops"] = flops.get_total_flops()
+    out["peak_bytes"] = tracker.peak
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages alive at once among those created inside (what a caching allocator must
+    hold, before fragmentation): each op's outputs are counted once per storage and released when the storage is
+    freed (weakref). Tensors made before entering (model parameters, the dataset) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += self.live[key]
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def _distill_cost(method, task):
+    """(FLOPs of the whole distillation, iterations, peak bytes of one iteration, the set's stages' sizes)."""
+    from .method import IterativeMethod
+    if not isinstance(method, IterativeMethod):
+        with _counting() as c:
+            synset = method.distill(task)
+        return c["flops"], 1, c["peak_bytes"], synset
+    gen = torch.Generator().manual_seed(task.seed)
+    with meta_host_reads():
+        state = method.init_state(task, gen)
+    total, peak = 0, None
+    for it, weight in method.cost_iterations(task):
+        with _counting() as c:
+            method.iteration(task, state, it, gen)
+        total += c["flops"] * weight
+        peak = c["peak_bytes"] if peak is None or c["peak_bytes"] is None else max(peak, c["peak_bytes"])
+    with meta_host_reads():
+        synset = method.result(task, state)
+    return total, method.num_iterations(task), peak, synset
+
+
+def _eval_flops_per_image(dataset, network, batch):
+    """(forward+backward FLOPs per training image, forward FLOPs per test image) of the evaluation network."""
+    import torch.nn.functional as F
+
+    from .networks import get_network
+    net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=0).to("meta")
+    x = torch.zeros(batch, dataset.channels, *dataset.image_size, device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    with _counting() as c:
+        F.cross_entropy(net(x), y).backward()
+    with _counting() as f, torch.no_grad():
+        net(x)
+    return c["flops"] / batch, f["flops"] / batch
+
+
+def _method_for(suite, cell, overrides=None):
+    from .registry import create_method
+    return create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant) +
+                         [f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in (overrides or {}).items()])
+
+
+def count_cell(suite, cell):
+    """Counted cost of one cell (no device time): distillation FLOPs, evaluation FLOPs, peak memory."""
+    from evaluation import resolve_protocol
+    ds = shape_dataset(cell.dataset)
+    method = _method_for(suite, cell)
+    from .method import Task
+    task = Task(ds, cell.ipc, cell.seed, "meta")
+    flops, iters, peak, synset = _distill_cost(method, task)
+    with meta_host_reads():
+        stages = [len(y) for _, y in synset.stage_data(ds)]
+    proto = resolve_protocol(suite.protocol, synset)
+    per_net = 0.0
+    evals = []
+    for net in suite.eval_networks:
+        train_img, test_img = _eval_flops_per_image(ds, net, proto.batch)
+        per_net = sum(proto.epochs * n * train_img for n in stages) + len(ds.y_test) * test_img
+        evals.append((net, proto.batch, per_net * suite.num_eval))
+    data_bytes = ds.x_train.numel() * 4 + ds.x_test.numel() * 4
+    return {"key": cell.key, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
+            "iterations": iters, "distill_flops": flops, "flops_per_iteration": flops / max(iters, 1),
+            "eval": evals, "eval_flops": sum(e[2] for e in evals), "train_images": stages[-1],
+            "peak_bytes": None if peak is None else peak + data_bytes, "data_bytes": data_bytes}
+
+
+def _time(fn, device, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calibrate_method(suite, cell, device, repeats):
+    """FLOP rate of the cell's method on `device`: a shrunk run (PROBE_OVERRIDES; batch sizes, network and image
+    size unchanged) timed on random data of the dataset's shape, and its FLOPs counted on meta."""
+    from .method import Task
+    method = _method_for(suite, cell, _probe_overrides(suite, cell))
+    per_class = max(300, 8 * cell.ipc)
+    probe = shape_dataset(cell.dataset, per_class, device, torch.Generator().manual_seed(0))
+    seconds = _time(lambda: method.distill(Task(probe, cell.ipc, cell.seed, device)), device, repeats)
+    flops, _, _, _ = _distill_cost(method, Task(shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta"))
+    return flops / max(seconds, 1e-9), seconds
+
+
+def _probe_overrides(suite, cell):
+    cfg = _method_for(suite, cell).config
+    names = {f.name for f in dataclasses.fields(cfg)}
+    out = {}
+    for k, v in PROBE_OVERRIDES.items():
+        if k in names:
+            cur = getattr(cfg, k)
+            out[k] = v if not isinstance(v, int) or not cur else min(cur, v)
+    return out
+
+
+def calibrate_eval(dataset_name, network, batch, device, steps=5):
+    """FLOP rate of evaluation training (SGD steps of the evaluation network at the protocol's batch) on device."""
+    import torch.nn.functional as F
+
+    from .networks import get_network
+    ds = shape_dataset(dataset_name, 1, "meta")
+    net = get_network(network, ds.channels, ds.num_classes, ds.image_size, seed=0).to(device)
+    x = torch.randn(batch, ds.channels, *ds.image_size, device=device)
+    y = torch.randint(ds.num_classes, (batch,)).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def run(n):
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    run(2)
+    seconds = _time(lambda: run(steps), device, 1)
+    return _eval_flops_per_image(ds, network, batch)[0] * batch * steps / seconds
+
+
+def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progress=None):
+    """Counted and estimated cost of `cells` of `suite` on `device`. Returns a list of per-cell dicts (with
+    'distill_s', 'eval_s' when calibrated) and the calibration rates."""
+    say = progress or (lambda *_: None)
+    repeats = repeats or (2 if str(device).startswith("cuda") else 1)
+    rows = []
+    for cell in cells:
+        say(f"counting {cell.key}")
+        rows.append(count_cell(suite, cell))
+    rates = {"method": {}, "eval": {}}
+    if calibrate:
+        probes = {}
+        for cell in sorted(cells, key=lambda c: c.ipc):
+            probes.setdefault((cell.method, cell.dataset, cell.variant), cell)
+        for key, cell in probes.items():
+            say(f"calibrating {cell.method} on {cell.dataset} (IPC {cell.ipc}, {device})")
+            rates["method"][key] = calibrate_method(suite, cell, device, repeats)
+        for row, cell in zip(rows, cells):
+            rate, probe_s = rates["method"][(cell.method, cell.dataset, cell.variant)]
+            # no counted FLOPs (random, full: nothing to distil): the probe's own time stands for the cell's
+            row["distill_s"] = row["distill_flops"] / rate if rate > 0 else probe_s
+            row["eval_s"] = 0.0
+            for net, batch, flops in row["eval"]:
+                k = (cell.dataset, net, batch)
+                if k not in rates["eval"]:
+                    say(f"calibrating evaluation of {net} at batch {batch} on {cell.dataset}")
+                    rates["eval"][k] = calibrate_eval(cell.dataset, net, batch, device)
+                row["eval_s"] += flops / rates["eval"][k]
+    return rows, rates
+
+
+def _fmt_time(s):
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _fmt_bytes(b):
+    return "-" if b is None else (f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.0f} MiB")
+
+
+def format_plan(suite, rows, device, measured=None):
+    """A readable report: per cell, per method, the suite's total, the largest cell. measured: key -> seconds of
+    finished cells (distill + eval), shown beside the estimate."""
+    measured = measured or {}
+    lines = [f"plan for suite {suite.name} on {device}: {len(rows)} cell(s)", ""]
+    head = f"{'cell':<52} {'iters':>6} {'GFLOP/iter':>11} {'PFLOP':>8} {'distill':>9} {'eval':>9} {'peak mem':>9}"
+    if measured:
+        head += f" {'measured':>9} {'est/meas':>8}"
+    lines.append(head)
+    for r in rows:
+        line = (f"{r['key']:<52} {r['iterations']:>6} {r['flops_per_iteration'] / 1e9:>11.2f} "
+                f"{(r['distill_flops'] + r['eval_flops']) / 1e15:>8.4f} {_fmt_time(r.get('distill_s')):>9} "
+                f"{_fmt_time(r.get('eval_s')):>9} {_fmt_bytes(r['peak_bytes']):>9}")
+        if measured:
+            m = measured.get(r["key"])
+            est = r.get("distill_s", 0) + r.get("eval_s", 0)
+            line += f" {_fmt_time(m):>9} {est / m if m else float('nan'):>8.2f}"
+        lines.append(line)
+    lines.append("")
+    per = {}
+    for r in rows:
+        p = per.setdefault(r["method"], [0, 0.0, 0])
+        p[0] += r["distill_flops"] + r["eval_flops"]
+        p[1] += r.get("distill_s", 0) + r.get("eval_s", 0)
+        p[2] = max(p[2], r["peak_bytes"] or 0)
+    total_s = sum(v[1] for v in per.values())
+    lines.append(f"{'method':<30} {'PFLOP':>10} {'time':>10} {'share':>6} {'max peak mem':>13}")
+    for m, (f, s, peak) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{m:<30} {f / 1e15:>10.3f} {_fmt_time(s):>10} {100 * s / max(total_s, 1e-9):>5.0f}% "
+                     f"{_fmt_bytes(peak):>13}")
+    total_f = sum(v[0] for v in per.values())
+    lines.append(f"{'total':<30} {total_f / 1e15:>10.3f} {_fmt_time(total_s):>10}")
+    if rows:
+        big = max(rows, key=lambda r: r.get("distill_s", 0) + r.get("eval_s", 0) or r["distill_flops"])
+        lines.append(f"largest cell: {big['key']} ({_fmt_time(big.get('distill_s', 0) + big.get('eval_s', 0))}); "
+                     f"highest peak memory: {_fmt_bytes(max((r['peak_bytes'] or 0) for r in rows))}")
+    return "\n".join(lines)
