@@ -57,11 +57,22 @@ def shape_dataset(name, per_class=None, device="meta", gen=None):
 def _counting():
     """FLOPs and peak memory of what runs inside (on meta)."""
     from torch.utils.flop_counter import FlopCounterMode
+    from . import training
     out = {"flops": 0, "peak_bytes": None}
     tracker = PeakMemory()
+    scaled = [0]
+
+    def one_step_for_all(n_steps, run_one):  # a training loop: count one step, scale it (linear in steps)
+        before = flops.get_total_flops()
+        run_one()
+        scaled[0] += (n_steps - 1) * (flops.get_total_flops() - before)
     with meta_host_reads(), FlopCounterMode(display=False) as flops, tracker:
-        yield out
-    out["flops"] = flops.get_total_flops()
+        training.COUNT_HOOK = one_step_for_all
+        try:
+            yield out
+        finally:
+            training.COUNT_HOOK = None
+    out["flops"] = flops.get_total_flops() + scaled[0]
     out["peak_bytes"] = tracker.peak
 
 

@@ -8,6 +8,11 @@ from .augment import cutmix, cutmix_loss
 from .device import to_device
 
 
+# Set by `run.py plan` while it counts FLOPs on the meta device: called as hook(n_steps, run_one_step) instead of
+# the loop (one step is counted and scaled to n_steps: thousands of shape-only steps would take minutes).
+COUNT_HOOK = None
+
+
 def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
                 lr_schedule=None):
     """SGD on (x, y). Either `epochs` (shuffled passes, the last batch may be short) or `steps` (batches drawn from
@@ -17,6 +22,11 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
     net.train()
     n = len(y)
     last = torch.zeros((), device=x.device)
+    if COUNT_HOOK is not None:
+        total = steps if epochs is None else epochs * -(-n // batch)
+        idx = torch.randperm(n, generator=gen)[:batch]
+        COUNT_HOOK(total, lambda: _step(net, x, y, idx, opt, aug, gen, cutmix_p))
+        return last
     if epochs is not None:
         for ep in range(epochs):
             if lr_schedule is not None:

@@ -77,7 +77,8 @@ def feature_network(task, cfg):
         except OSError:
             pass  # an unwritable cache only costs time
     net.eval()
-    _FEATURE_NETS[key] = net
+    if "no-cache" not in path:
+        _FEATURE_NETS[key] = net
     return net
 
 
