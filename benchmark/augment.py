@@ -13,6 +13,8 @@ import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
+from .device import to_device
+
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 NO_FLIP_STRATEGY = "color_crop_cutout_scale_rotate"  # digit datasets: a flipped digit is another digit
 DIGIT_DATASETS = ("digits", "mnist", "svhn")
@@ -75,8 +77,7 @@ class DSA:
         if fam == "none":
             return x
         dev, dt = x.device, x.dtype
-        # parameters are drawn on the CPU (seeded generators); the copies to the device need no host sync
-        t = lambda k: p[k].to(device=dev, dtype=dt, non_blocking=True)  # noqa: E731
+        t = lambda k: to_device(p[k], dev, dt)  # noqa: E731  (drawn on the CPU by seeded generators)
         n = x.shape[0]
         if fam == "color":
             x = x + (t("brightness").view(n, 1, 1, 1) - 0.5) * self.brightness
@@ -89,7 +90,7 @@ class DSA:
         if fam == "cutout":
             h, w = x.shape[-2:]
             side = p["side"]
-            off = p["offset"].to(dev, non_blocking=True)
+            off = to_device(p["offset"], dev)
             ys = torch.arange(h, device=dev).view(1, h, 1)
             xs = torch.arange(w, device=dev).view(1, 1, w)
             y0 = (off[:, 0] - side // 2).view(n, 1, 1)
@@ -97,7 +98,7 @@ class DSA:
             inside = (ys >= y0) & (ys < y0 + side) & (xs >= x0) & (xs < x0 + side)
             return x * (~inside).unsqueeze(1).to(dt)
         if fam == "flip":
-            return torch.where(p["flip"].to(dev, non_blocking=True).view(n, 1, 1, 1), KT.hflip(x), x)
+            return torch.where(to_device(p["flip"], dev).view(n, 1, 1, 1), KT.hflip(x), x)
         if fam == "scale":
             # the reference's affine_grid with diag(sx, sy) samples input at (sx*u, sy*v): a zoom by 1/s
             return KT.scale(x, 1.0 / t("scale"), align_corners=True)
@@ -127,7 +128,7 @@ def cutmix(x, y, generator=None):
     cx = int(torch.randint(w, (1,), generator=generator))
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    perm = perm.to(x.device, non_blocking=True)
+    perm = to_device(perm, x.device)
     x = x.clone()
     x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -40,6 +40,7 @@ class Dataset:
         self.num_classes = int(self.y_train.max().item()) + 1
         self.class_indices = [torch.nonzero(self.y_train == c).flatten() for c in range(self.num_classes)]
         self.source = None
+        self._on_device = {}  # device -> the copy there (Dataset.on)
         self.host = self  # the copy on the CPU that `on(device)` copies are made from (labels read on the host)
 
     @property
@@ -89,21 +90,20 @@ class Dataset:
         device = str(device)
         if device == str(self.x_train.device):
             return self
-        cache = self.__dict__.setdefault("_on_device", {})
-        if device not in cache:
+        if device not in self._on_device:
             import copy
             moved = copy.copy(self)
             moved._on_device = {}
             for k in ("x_train", "y_train", "x_test", "y_test"):
                 setattr(moved, k, getattr(self, k).to(device))
             moved.host = self
-            cache[device] = moved
-        return cache[device]
+            self._on_device[device] = moved
+        return self._on_device[device]
 
     def restrict(self, keep):
         """The same dataset with only the training indices `keep` (e.g. after pruning); the test split is kept."""
         import dataclasses
-        host = getattr(self, "host", self)
+        host = self.host
         kept = dataclasses.replace(host, name=host.name, x_train=host.x_train[keep], y_train=host.y_train[keep])
         return kept.on(self.x_train.device)
 

@@ -42,9 +42,11 @@ def is_cuda(device):
     return str(device).startswith("cuda")
 
 
-def to_device(t, device):
-    """Move a (small, CPU) tensor such as a batch of indices to the device without a host synchronisation."""
-    return t.to(device, non_blocking=True) if is_cuda(device) else t.to(device)
+def to_device(t, device, dtype=None):
+    """Move a (small, CPU) tensor such as a batch of indices or augmentation parameters to the device without a
+    host synchronisation (non_blocking from pageable memory: CUDA stages the copy before returning, so it is
+    safe; on the CPU it changes nothing)."""
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def configure(device):

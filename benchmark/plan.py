@@ -15,10 +15,9 @@ For every pending cell:
   overhead) is where the estimate can miss; `plan --all` puts measured times of finished cells beside it.
 """
 import contextlib
-import dataclasses
+import functools
 import math
 import time
-
 import weakref
 
 import torch
@@ -27,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from .datasets import Dataset, dataset_spec
 from .device import meta_host_reads, synchronize
+from .smoke import shrunk
 
 PROBE_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 2,
                    "feature_epochs": 1, "base_set": ("iterations=1",)}
@@ -123,11 +123,13 @@ def _distill_cost(method, task):
     return total, method.num_iterations(task), peak, synset
 
 
-def _eval_flops_per_image(dataset, network, batch):
+@functools.lru_cache(maxsize=None)
+def _eval_flops_per_image(dataset_name, network, batch):
     """(forward+backward FLOPs per training image, forward FLOPs per test image) of the evaluation network."""
     import torch.nn.functional as F
 
     from .networks import get_network
+    dataset = shape_dataset(dataset_name, 1)
     net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=0).to("meta")
     x = torch.zeros(batch, dataset.channels, *dataset.image_size, device="meta")
     y = torch.zeros(batch, dtype=torch.long, device="meta")
@@ -155,10 +157,9 @@ def count_cell(suite, cell):
     with meta_host_reads():
         stages = [len(y) for _, y in synset.stage_data(ds)]
     proto = resolve_protocol(suite.protocol, synset)
-    per_net = 0.0
     evals = []
     for net in suite.eval_networks:
-        train_img, test_img = _eval_flops_per_image(ds, net, proto.batch)
+        train_img, test_img = _eval_flops_per_image(cell.dataset, net, proto.batch)
         per_net = sum(proto.epochs * n * train_img for n in stages) + len(ds.y_test) * test_img
         evals.append((net, proto.batch, per_net * suite.num_eval))
     data_bytes = ds.x_train.numel() * 4 + ds.x_test.numel() * 4
@@ -183,23 +184,12 @@ def calibrate_method(suite, cell, device, repeats):
     """FLOP rate of the cell's method on `device`: a shrunk run (PROBE_OVERRIDES; batch sizes, network and image
     size unchanged) timed on random data of the dataset's shape, and its FLOPs counted on meta."""
     from .method import Task
-    method = _method_for(suite, cell, _probe_overrides(suite, cell))
+    method = _method_for(suite, cell, shrunk(_method_for(suite, cell).config, PROBE_OVERRIDES))
     per_class = max(300, 8 * cell.ipc)
     probe = shape_dataset(cell.dataset, per_class, device, torch.Generator().manual_seed(0))
     seconds = _time(lambda: method.distill(Task(probe, cell.ipc, cell.seed, device)), device, repeats)
     flops, _, _, _ = _distill_cost(method, Task(shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta"))
     return flops / max(seconds, 1e-9), seconds
-
-
-def _probe_overrides(suite, cell):
-    cfg = _method_for(suite, cell).config
-    names = {f.name for f in dataclasses.fields(cfg)}
-    out = {}
-    for k, v in PROBE_OVERRIDES.items():
-        if k in names:
-            cur = getattr(cfg, k)
-            out[k] = v if not isinstance(v, int) or not cur else min(cur, v)
-    return out
 
 
 def calibrate_eval(dataset_name, network, batch, device, steps=5):
@@ -220,7 +210,7 @@ def calibrate_eval(dataset_name, network, batch, device, steps=5):
             opt.step()
     run(2)
     seconds = _time(lambda: run(steps), device, 1)
-    return _eval_flops_per_image(ds, network, batch)[0] * batch * steps / seconds
+    return _eval_flops_per_image(dataset_name, network, batch)[0] * batch * steps / seconds
 
 
 def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progress=None):

@@ -366,8 +366,7 @@ def corruption_stats(ds, synset):
 def _safe_run_cell(suite, cell, run_root, opts: RunOptions):
     """Run one cell; never raises: returns ('ok', record) or ('failed', message)."""
     try:
-        return "ok", run_cell(suite, cell, run_root, opts.data_root, opts.device, opts.log, opts.threads,
-                              opts.download)
+        return "ok", run_cell(suite, cell, run_root, **dataclasses.asdict(opts))
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
         msg = f"{type(e).__name__}: {e}"
         detail = traceback.format_exc()

@@ -10,10 +10,19 @@ TINY_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_
                   "base_set": ("iterations=1",)}
 
 
+def shrunk(config, limits):
+    """The overrides that cap `config`'s loop lengths at `limits` (only keys the config has; a count already below
+    its limit is kept). Shared by the device guard's tiny runs and `plan`'s calibration probes."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name in limits:
+            cur, cap = getattr(config, f.name), limits[f.name]
+            out[f.name] = min(cur, cap) if isinstance(cap, int) and cur else cap
+    return out
+
+
 def tiny_config_overrides(method_cls, preset="quick"):
-    cfg = method_cls.make_config(preset if preset in method_cls.presets else None)
-    names = {f.name for f in dataclasses.fields(cfg)}
-    return {k: v for k, v in TINY_OVERRIDES.items() if k in names}
+    return shrunk(method_cls.make_config(preset if preset in method_cls.presets else None), TINY_OVERRIDES)
 
 
 def run_on_device(method_name, dataset, device="meta", ipc=2, network="ConvNetD2", preset="quick", overrides=None):

@@ -15,6 +15,8 @@ statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step (H: the exact
 """
 import torch
 
+from benchmark.device import to_device
+
 from .ihvp import SolverConfig, inverse_hvp
 
 
@@ -59,7 +61,8 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         g_m = objective_gradient(step, weights)
     xh, yh = x, y
     if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
-        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long().to(y.device, non_blocking=True)
+        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long()
+        rows = to_device(rows, y.device)
         xh, yh = x[rows], y[rows]
     outputs = None
     if step.instance_outputs is not None and step.output_loss is not None:

@@ -50,34 +50,35 @@ _FEATURE_NETS = {}
 
 
 def feature_network(task, cfg):
-    """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed)."""
+    """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed,
+    in-process and on disk). Never cached: networks trained on meta (shapes only) or on `plan`'s random data."""
     ds = task.dataset
+    cacheable = str(task.device) != "meta" and not ds.full_name.endswith("@shape-only")
     key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed, str(task.device))
-    if key in _FEATURE_NETS:
+    if cacheable and key in _FEATURE_NETS:
         return _FEATURE_NETS[key]
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
     cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
     path = os.path.join(cache, f"herding-{ds.full_name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
-    if str(task.device) == "meta" or ds.full_name.endswith("@shape-only"):
-        path = os.path.join(cache, "nonexistent", "no-cache")  # shapes or random data: never cached
     try:
+        if not cacheable:
+            raise FileNotFoundError(path)
         net.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
     except Exception:  # noqa: BLE001 - missing or stale cache: train it
         gen = torch.Generator().manual_seed(task.seed)
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         train_steps(net, ds.x_train, ds.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch, gen=gen,
                     lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0))
-        try:
-            if "no-cache" in path:
-                raise OSError
-            os.makedirs(cache, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # an unwritable cache only costs time
+        if cacheable:
+            try:
+                os.makedirs(cache, exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}"
+                torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # an unwritable cache only costs time
     net.eval()
-    if "no-cache" not in path:
+    if cacheable:
         _FEATURE_NETS[key] = net
     return net
 
