@@ -85,15 +85,21 @@ def list_cmd():
     """List methods, datasets, networks, protocols and suites."""
     from benchmark.datasets import list_datasets
     from benchmark.networks import list_networks
-    from benchmark.registry import get_method, list_methods
+    from benchmark.registry import family, get_method, list_methods
     from benchmark.suites import list_suites
     from evaluation import list_protocols
-    click.echo("methods:")
+    click.echo("methods, by family (the module that registers them; eval: the protocol 'auto' picks):")
+    by_family = {}
     for m in list_methods():
-        cls = get_method(m)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        presets = ", ".join(["reference"] + sorted(cls.presets)) if cls.presets else "-"
-        click.echo(f"  {m:30s} presets: {presets:22s} {doc[:70]}")
+        by_family.setdefault(family(get_method(m)), []).append(m)
+    for fam, names in sorted(by_family.items()):
+        click.echo(f"  {fam}:")
+        for m in names:
+            cls = get_method(m)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            presets = ", ".join(["reference"] + sorted(cls.presets)) if cls.presets else "-"
+            traits = f"eval {cls.evaluation or '?'}{'' if cls.ranked else ', unranked'}"
+            click.echo(f"    {m:28s} {traits:20s} presets: {presets:22s} {doc[:60]}")
     click.echo("datasets:  " + ", ".join(list_datasets()))
     click.echo("networks:  " + ", ".join(list_networks()))
     click.echo("protocols: " + ", ".join(list_protocols()))
@@ -137,7 +143,7 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
     task = _task(dataset, ipc, seed, device, data_root, download, log_dir, f"{dataset}-{method}-ipc{ipc}-s{seed}",
                  ckpt if checkpoint_every or checkpoint_minutes else (ckpt if os.path.exists(ckpt) else None),
                  checkpoint_every, checkpoint_minutes)
-    if method != "full":
+    if m.uses_ipc:
         task.dataset.check_ipc(ipc)
     syn = m.distill(task)
     syn.save(out)

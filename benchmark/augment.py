@@ -17,11 +17,11 @@ from .device import to_device
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 NO_FLIP_STRATEGY = "color_crop_cutout_scale_rotate"  # digit datasets: a flipped digit is another digit
-DIGIT_DATASETS = ("digits", "mnist", "svhn")
 
 
-def strategy_for(dataset_name):
-    return NO_FLIP_STRATEGY if dataset_name in DIGIT_DATASETS else DEFAULT_STRATEGY
+def strategy_for(dataset):
+    """The DSA strategy for a dataset: no flips where a flip changes the label (its declared `flip` trait)."""
+    return DEFAULT_STRATEGY if dataset.spec.flip else NO_FLIP_STRATEGY
 
 
 @dataclass
@@ -67,9 +67,12 @@ class DSA:
             p["angle"] = (u() - 0.5) * 2 * self.rotate
         else:
             raise ValueError(f"unknown DSA family {family!r} in strategy {self.strategy!r}")
-        if siamese:
-            p = {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in p.items()}
-        return p
+        return self.expand(p, n) if siamese else p
+
+    @staticmethod
+    def expand(params, n):
+        """One (siamese) draw, shared by a batch of n images: every per-image tensor expanded to n rows."""
+        return {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in params.items()}
 
     def apply(self, x, p):
         """Apply sampled parameters to x (N, C, H, W). Parameters must have been drawn for N images."""
@@ -112,8 +115,7 @@ class DSA:
     def siamese(self, real, syn, generator=None):
         """Augment a real and a synthetic batch with one shared parameter draw (siamese DSA)."""
         p = self.sample(1, real.shape[-1], generator, siamese=True)
-        expand = lambda n: {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in p.items()}  # noqa
-        return self.apply(real, expand(real.shape[0])), self.apply(syn, expand(syn.shape[0]))
+        return self.apply(real, self.expand(p, len(real))), self.apply(syn, self.expand(p, len(syn)))
 
 
 def cutmix(x, y, generator=None):

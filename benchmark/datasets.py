@@ -52,6 +52,12 @@ class Dataset:
         return tuple(self.x_train.shape[2:])
 
     @property
+    def spec(self):
+        """The registered dataset's declared traits (flip, family, ...); a hand-made Dataset gets the defaults."""
+        return _DATASETS.get(self.name) or DatasetSpec(self.name, self.channels, self.image_size[0],
+                                                       self.num_classes, self.mean, self.std, None, "")
+
+    @property
     def smallest_class(self):
         return min(len(ix) for ix in self.class_indices)
 
@@ -126,16 +132,21 @@ class DatasetSpec:
     loader: Callable
     how_to_get: str
     splits: tuple = (0, 0)  # (train, test) sizes of the original files: what `plan` sizes a suite by
+    # declared traits (methods read these, never name lists): is a horizontal flip label-preserving (not for
+    # digits), and the family the references tune by (mnist: 28 px grayscale digits/clothes; cifar; svhn)
+    flip: bool = True
+    family: str = ""
 
 
 _DATASETS: Dict[str, DatasetSpec] = {}
 _CACHE: Dict[tuple, Dataset] = {}
 
 
-def register_dataset(name, channels, size, num_classes, mean, std, how_to_get="", splits=(0, 0)):
+def register_dataset(name, channels, size, num_classes, mean, std, how_to_get="", splits=(0, 0), flip=True,
+                     family=""):
     def deco(fn):
         _DATASETS[name] = DatasetSpec(name, channels, size, num_classes, tuple(mean), tuple(std), fn, how_to_get,
-                                      tuple(splits))
+                                      tuple(splits), flip, family)
         return fn
     return deco
 
@@ -266,7 +277,8 @@ def _load_svhn(root, download):
     return out[0], out[1], out[2], out[3], []
 
 
-@register_dataset("digits", 1, 8, 10, mean=(0.3056,), std=(0.3761,), splits=(1257, 540),
+@register_dataset("digits", 1, 8, 10, mean=(0.3056,), std=(0.3761,), splits=(1257, 540), flip=False,
+                  family="mnist",
                   how_to_get="It ships with scikit-learn: pip install scikit-learn.")
 def _load_digits(root, download):
     """scikit-learn's 8x8 digits (1797 images): a fixed stratified split, 70% train (1257) / 30% test (540),
@@ -280,6 +292,7 @@ def _load_digits(root, download):
 
 
 @register_dataset("fashion-mnist", 1, 28, 10, mean=(0.2861,), std=(0.3530,), splits=(60000, 10000),
+                  family="mnist",
                   how_to_get="Install Debian's copy (apt-get install -y dataset-fashion-mnist, read from "
                              f"{DEBIAN_FASHION_MNIST}), or pass --data-root DIR holding FashionMNIST/raw/*-ubyte[.gz], "
                              "or add --download to fetch it with torchvision.")
@@ -288,14 +301,15 @@ def _load_fmnist(root, download):
                              extra_dirs=[DEBIAN_FASHION_MNIST])
 
 
-@register_dataset("mnist", 1, 28, 10, mean=(0.1307,), std=(0.3081,), splits=(60000, 10000),
+@register_dataset("mnist", 1, 28, 10, mean=(0.1307,), std=(0.3081,), splits=(60000, 10000), flip=False,
+                  family="mnist",
                   how_to_get="Pass --data-root DIR holding MNIST/raw/*-ubyte[.gz], or add --download.")
 def _load_mnist(root, download):
     return _load_idx_dataset("mnist", "MNIST", "MNIST", root, download)
 
 
 @register_dataset("cifar10", 3, 32, 10, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),
-                  splits=(50000, 10000),
+                  splits=(50000, 10000), family="cifar",
                   how_to_get="Pass --data-root DIR holding cifar-10-batches-py/, or add --download.")
 def _load_cifar10(root, download):
     return _load_cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
@@ -303,14 +317,14 @@ def _load_cifar10(root, download):
 
 
 @register_dataset("cifar100", 3, 32, 100, mean=(0.5071, 0.4866, 0.4409), std=(0.2673, 0.2564, 0.2762),
-                  splits=(50000, 10000),
+                  splits=(50000, 10000), family="cifar",
                   how_to_get="Pass --data-root DIR holding cifar-100-python/, or add --download.")
 def _load_cifar100(root, download):
     return _load_cifar("cifar100", "cifar-100-python", ["train"], "test", "fine_labels", "CIFAR100", root, download)
 
 
 @register_dataset("svhn", 3, 32, 10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
-                  splits=(73257, 26032),
+                  splits=(73257, 26032), flip=False, family="svhn",
                   how_to_get="Pass --data-root DIR holding train_32x32.mat and test_32x32.mat (or DIR/svhn/), "
                              "or add --download.")
 def _load_svhn_reg(root, download):

@@ -39,7 +39,17 @@ def _reported(mean_std, pm):
     return f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{std:.1f}"
 
 
-UNRANKED = ("full", "random", "herding", "influence-select")
+def _trait(method_name, trait):
+    """A method's declared trait (`ranked`: selection baselines and the upper bound are not; `uses_ipc`: the
+    upper bound's one cell spans every IPC column). A method not registered here (a plugin not loaded) gets the
+    defaults."""
+    from .errors import BenchmarkError
+    from .method import Method
+    from .registry import get_method
+    try:
+        return getattr(get_method(method_name), trait)
+    except BenchmarkError:
+        return getattr(Method, trait)
 
 
 def _row_name(rec):
@@ -48,7 +58,7 @@ def _row_name(rec):
 
 def build_table(records, methods_order=None, network=None):
     """-> (columns [(dataset, ipc)], rows OrderedDict name -> {col: summary dict with 'accs'})."""
-    cols = sorted({(r["dataset"], r["ipc"]) for r in records if r["method"] != "full"} or
+    cols = sorted({(r["dataset"], r["ipc"]) for r in records if _trait(r["method"], "uses_ipc")} or
                   {(r["dataset"], r["ipc"]) for r in records})
     rows = OrderedDict()
     names = sorted({_row_name(r) for r in records},
@@ -61,7 +71,7 @@ def build_table(records, methods_order=None, network=None):
             for r in records:
                 if _row_name(r) != name or r["dataset"] != col[0]:
                     continue
-                if r["method"] != "full" and r["ipc"] != col[1]:
+                if _trait(r["method"], "uses_ipc") and r["ipc"] != col[1]:
                     continue
                 ev = r["evaluations"].get(network) if network else r["accuracy"]
                 if ev:
@@ -76,7 +86,7 @@ def build_table(records, methods_order=None, network=None):
                     cell["diff"], cell["p"] = welch_test(cell["accs"], rows[base][col]["accs"])
     for col in cols:  # ranks among distillation rows
         ranked = sorted((c[col]["mean"], n) for n, c in rows.items()
-                        if col in c and n.split("@")[0] not in UNRANKED)
+                        if col in c and _trait(n.split("@")[0], "ranked"))
         ranked.reverse()
         for i, (_, n) in enumerate(ranked[:2]):
             rows[n][col]["rank"] = i + 1

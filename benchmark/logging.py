@@ -26,3 +26,41 @@ def make_writer(log_root, run_name):
 def log_histogram(writer, tag, values, step):
     if writer is not None and values is not None and len(values):
         writer.add_histogram(tag, torch.as_tensor(values).detach().float().cpu(), step)
+
+
+class LineProgress:
+    """Progress for logs (stderr not a terminal): one line at most every `every_s` seconds and one at the end,
+    instead of a bar that writes each update into the log."""
+
+    def __init__(self, total, desc, initial=0, every_s=60.0):
+        import sys
+        import time
+        self.total, self.desc, self.n, self.every_s = total, desc, initial, every_s
+        self.postfix, self.t0, self._time, self._out = "", time.perf_counter(), time.perf_counter, sys.stderr
+        self._last = self.t0
+
+    def update(self, k=1):
+        self.n += k
+        if self._time() - self._last >= self.every_s:
+            self._emit()
+
+    def set_postfix(self, **kw):
+        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def _emit(self):
+        self._last = self._time()
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total}{pct} {self.postfix} [{(self._last - self.t0) / 60:.1f} min]",
+              file=self._out, flush=True)
+
+    def close(self):
+        self._emit()
+
+
+def progress_bar(total, desc, initial=0, leave=False):
+    """A tqdm bar on a terminal; periodic one-line progress when stderr is a log file."""
+    import sys
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, leave=leave, file=sys.stderr)
+    return LineProgress(total, desc, initial)

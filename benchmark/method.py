@@ -1,10 +1,13 @@
 """Method base classes, configs with presets and key=value overrides, and resumable iteration.
 
 A method is a class with a `name`, a `Config` dataclass whose defaults follow the reference implementation,
-optional `presets` (named override sets, e.g. reduced CPU settings) and `distill(task) -> SyntheticSet`.
+optional `presets` (named override sets, e.g. reduced CPU settings), declared traits (`evaluation`, `ranked`,
+`uses_ipc`) and `distill(task) -> SyntheticSet`. Config keys whose default depends on the dataset or IPC are None
+until `resolve(task)` fills them; a method distils with, and records, the resolved config.
 Iterative methods subclass `IterativeMethod` and get checkpoints, exact resume, NaN checks, TensorBoard scalars
-and a progress bar for free: they implement `init_state`, `iteration` and `result`.
+and progress for free: they implement `init_state`, `iteration` and `result`.
 """
+import copy
 import dataclasses
 import math
 import os
@@ -16,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import BenchmarkError
+from .files import save_torch_atomic
 from .synthetic import SyntheticSet, code_commit, provenance, safe_load
 
 
@@ -105,6 +109,12 @@ class Method:
     Config = BaseConfig
     presets: dict = {}
     inner_data = "synthetic"  # which data the network trains on between matching steps (IWD's S_inner)
+    # Declared traits, read by the evaluation harness, the leaderboard and the runner (nothing looks a method up by
+    # name): the evaluation protocol family of its sets (dc | dsa | idc | full; None: undeclared, so 'auto'
+    # evaluation asks for an explicit protocol), whether it is ranked among distillation rows, whether IPC applies.
+    evaluation: Optional[str] = None
+    ranked = True
+    uses_ipc = True
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.make_config()
@@ -122,31 +132,83 @@ class Method:
                 apply_overrides(cfg, dict(cls.presets[preset]))
         return apply_overrides(cfg, overrides)
 
+    def resolve(self, task):
+        """The config with every by-dataset / by-IPC default (None) filled in for this task. Idempotent."""
+        return copy.copy(self.config)
+
+    def for_task(self, task):
+        """This method with its config resolved for `task`: what distils, and what records and checkpoints hold."""
+        m = copy.copy(self)
+        m.config = self.resolve(task)
+        return m
+
     def distill(self, task: Task) -> SyntheticSet:
         raise NotImplementedError
 
     def metadata(self, task, **extra):
         return {"method": self.name, "config": dataclasses.asdict(self.config), "dataset": task.dataset.full_name,
-                "ipc": task.ipc, "seed": task.seed, **provenance(task.device), **extra}
-
-
-def _config_changes(saved, current):
-    """What differs between a checkpoint's config and the current one, as 'key: saved -> current' strings. A
-    longer or shorter run (`iterations`) may resume; a checkpoint from before configs were saved is trusted."""
-    if saved is None:
-        return []
-    keys = sorted((set(saved) | set(current)) - {"iterations"})
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+                "ipc": task.ipc, "seed": task.seed, "evaluation": self.evaluation, **provenance(task.device),
+                **extra}
 
 
 class NonFiniteError(BenchmarkError):
-    pass
+    """A NaN/inf in a run. The distillation loop adds which checkpoint is the last good one."""
+
+    def __init__(self, what, hint="Lower the learning rate or check the data."):
+        self.what, self.hint = what, hint
+        super().__init__(f"{what}. {hint}")
+
+    def with_checkpoint(self, path):
+        return NonFiniteError(f"{self.what}; last good checkpoint: {path or 'none (set --checkpoint-every)'}",
+                              self.hint)
+
+
+class Checkpoint:
+    """A run's checkpoint file: checked to belong to this run (method, IPC, seed, resolved config; a longer or
+    shorter run, `iterations`, may resume), written atomically, and remembered as the last good one."""
+
+    def __init__(self, path, method, task):
+        self.path, self.method, self.task = path, method, task
+        self.last_good = None
+
+    def load(self):
+        """The saved run as a dict (state moved to the task's device), or None."""
+        if not self.path or not os.path.exists(self.path):
+            return None
+        ck, m, task = safe_load(self.path), self.method, self.task
+        if ck.get("method") != m.name or ck.get("ipc") != task.ipc or ck.get("seed") != task.seed:
+            raise BenchmarkError(f"checkpoint {self.path} belongs to another run ({ck.get('method')}, ipc "
+                                 f"{ck.get('ipc')}, seed {ck.get('seed')}); delete it or choose another --checkpoint "
+                                 f"path.")
+        saved, current = ck.get("config"), dataclasses.asdict(m.config)
+        keys = sorted((set(saved or {}) | set(current)) - {"iterations"}) if saved is not None else []
+        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+        if changed:
+            raise BenchmarkError(f"checkpoint {self.path} was made with other settings ({'; '.join(changed)}); rerun "
+                                 f"with its settings to resume, or delete it to start afresh with these.")
+        # the state lives on the task's device (the generator state stays a CPU byte tensor)
+        ck["state"] = {k: v.to(task.device) if torch.is_tensor(v) and k != "rng" else v
+                       for k, v in ck["state"].items()}
+        self.last_good = self.path
+        return ck
+
+    def save(self, state, next_it, elapsed_s, segments):
+        m, task = self.method, self.task
+        save_torch_atomic(self.path, {"method": m.name, "ipc": task.ipc, "seed": task.seed, "next_iteration": next_it,
+                                      "state": state, "elapsed_s": elapsed_s, "segments": list(segments),
+                                      "config": dataclasses.asdict(m.config)})
+        self.last_good = self.path
+
+    def remove(self):
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
 
 
 class IterativeMethod(Method):
     """Checkpointed iteration. State is a dict of tensors / plain values (saved with torch.save, loaded with
     weights_only=True). All randomness must come from `state['rng']` (a torch.Generator state) or from seeds derived
-    from (task.seed, iteration), so a resumed run ends with exactly the set an uninterrupted run gives."""
+    from (task.seed, iteration) (benchmark.seeds), so a resumed run ends with exactly the set an uninterrupted run
+    gives."""
 
     def num_iterations(self, task):
         return self.config.iterations
@@ -171,84 +233,111 @@ class IterativeMethod(Method):
         bad += [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                 and not torch.isfinite(v).all()]
         if bad:
-            raise NonFiniteError(f"{self.name}: non-finite {', '.join(bad)} at iteration {it}; last good checkpoint: "
-                                 f"{self._last_ckpt or 'none (set --checkpoint-every)'}. Lower the learning rate or "
-                                 f"check the data.")
+            raise NonFiniteError(f"{self.name}: non-finite {', '.join(bad)} at iteration {it}")
 
     def distill(self, task):
+        unresolved = self.config
+        self.config = self.resolve(task)  # in place for the run (so patched or bound methods see it), then restored
+        try:
+            return self.run_loop(task)
+        finally:
+            self.config = unresolved
+
+    def run_loop(self, task):
+        """The resumable loop (on a resolved method): resume from the checkpoint, iterate with the callbacks
+        (TensorBoard, progress, checkpoint policy), return the result with its wall time across segments."""
         torch.manual_seed(task.seed)  # only for code paths that forget a generator; ours pass one explicitly
-        state, start, elapsed_before, t_start = None, 0, 0.0, time.perf_counter()
-        segments = []  # (commit, first iteration) of each resumed segment: a long run may span commits
-        self._last_ckpt = None
-        if task.checkpoint_path and os.path.exists(task.checkpoint_path):
-            ck = safe_load(task.checkpoint_path)
-            if ck.get("method") != self.name or ck.get("ipc") != task.ipc or ck.get("seed") != task.seed:
-                raise BenchmarkError(f"checkpoint {task.checkpoint_path} belongs to another run "
-                                     f"({ck.get('method')}, ipc {ck.get('ipc')}, seed {ck.get('seed')}); delete it "
-                                     f"or choose another --checkpoint path.")
-            changed = _config_changes(ck.get("config"), dataclasses.asdict(self.config))
-            if changed:
-                raise BenchmarkError(f"checkpoint {task.checkpoint_path} was made with other settings ("
-                                     f"{'; '.join(changed)}); rerun with its settings to resume, or delete it to "
-                                     f"start afresh with these.")
-            state, start = ck["state"], ck["next_iteration"]
-            elapsed_before = float(ck.get("elapsed_s", 0.0))
-            segments = list(ck.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
-            self._last_ckpt = task.checkpoint_path
-        if state is None:
+        clock = _Clock()
+        ckpt = Checkpoint(task.checkpoint_path, self, task)
+        saved = ckpt.load()
+        if saved is None:
             gen = torch.Generator().manual_seed(task.seed)
-            state = self.init_state(task, gen)
+            state, start, segments = self.init_state(task, gen), 0, []
             state["rng"] = gen.get_state()
+        else:
+            state, start, segments = saved["state"], saved["next_iteration"], list(
+                saved.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
+            clock.before = float(saved.get("elapsed_s", 0.0))
         segments.append({"commit": code_commit(), "from_iteration": start})
         n = self.num_iterations(task)
-        bar = None
-        if task.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n, initial=start, desc=f"{self.name} {task.dataset.name} ipc{task.ipc}", leave=False)
+        callbacks = [cb for cb in (_tensorboard(self, task, n), _progress(self, task, n, start),
+                                   _checkpoint_policy(task, ckpt, n, clock, segments)) if cb is not None]
         gen = torch.Generator()
-        last_save = t_start
         for it in range(start, n):
             gen.set_state(state["rng"])
             t0 = time.perf_counter()
-            scalars = self.iteration(task, state, it, gen) or {}
-            scalars["time/iteration_s"] = time.perf_counter() - t0
-            state["rng"] = gen.get_state()
-            self.check_finite(state, it, scalars)
-            if task.writer is not None:
-                for k, v in scalars.items():
-                    task.writer.add_scalar(f"distill/{k}", v, it)
-                if task.log_images_every and (it % task.log_images_every == 0 or it == n - 1):
-                    self.log_images(task, state, it)
-            if task.checkpoint_path and it + 1 < n and (
-                    (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0)
-                    or (task.checkpoint_minutes and time.perf_counter() - last_save >= 60 * task.checkpoint_minutes)):
-                last_save = time.perf_counter()
-                self.save_checkpoint(task, state, it + 1, elapsed_before + last_save - t_start, segments)
-            if bar is not None:
-                bar.update(1)
-                if "loss" in scalars:
-                    bar.set_postfix(loss=f"{scalars['loss']:.4g}")
-        if bar is not None:
-            bar.close()
+            try:
+                scalars = self.iteration(task, state, it, gen) or {}
+                scalars["time/iteration_s"] = time.perf_counter() - t0
+                state["rng"] = gen.get_state()
+                self.check_finite(state, it, scalars)
+            except NonFiniteError as e:
+                raise e.with_checkpoint(ckpt.last_good) from None
+            for cb in callbacks:
+                cb(it, state, scalars)
+        for cb in callbacks:
+            getattr(cb, "close", lambda: None)()
         out = self.result(task, state)
         # wall time of the whole distillation, across resumed segments (what a record and a table footer report)
-        out.metadata["distill_seconds"] = elapsed_before + time.perf_counter() - t_start
+        out.metadata["distill_seconds"] = clock.elapsed()
         out.metadata["distill_segments"] = segments
-        if task.checkpoint_path and os.path.exists(task.checkpoint_path):
-            os.remove(task.checkpoint_path)
+        ckpt.remove()
         return out
-
-    def save_checkpoint(self, task, state, next_it, elapsed_s=0.0, segments=()):
-        tmp = f"{task.checkpoint_path}.tmp{os.getpid()}"
-        os.makedirs(os.path.dirname(os.path.abspath(task.checkpoint_path)), exist_ok=True)
-        torch.save({"method": self.name, "ipc": task.ipc, "seed": task.seed, "next_iteration": next_it,
-                    "state": state, "elapsed_s": elapsed_s,
-                    "segments": list(segments), "config": dataclasses.asdict(self.config)}, tmp)
-        os.replace(tmp, task.checkpoint_path)
-        self._last_ckpt = task.checkpoint_path
 
     def log_images(self, task, state, it):
         syn = self.result(task, state)
         x, _ = syn.training_data(task.dataset)
         from .logging import image_grid
         task.writer.add_image("distill/synthetic", image_grid(task.dataset.denormalize(x), nrow=syn.ipc or 10), it)
+
+
+class _Clock:
+    """Wall time of a distillation: `before` (earlier segments) plus this process's."""
+
+    def __init__(self):
+        self.before, self.t0 = 0.0, time.perf_counter()
+
+    def elapsed(self):
+        return self.before + time.perf_counter() - self.t0
+
+
+def _tensorboard(method, task, n):
+    if task.writer is None:
+        return None
+
+    def log(it, state, scalars):
+        for k, v in scalars.items():
+            task.writer.add_scalar(f"distill/{k}", v, it)
+        if task.log_images_every and (it % task.log_images_every == 0 or it == n - 1):
+            method.log_images(task, state, it)
+    return log
+
+
+def _progress(method, task, n, start):
+    if not task.progress:
+        return None
+    from .logging import progress_bar
+    bar = progress_bar(n, f"{method.name} {task.dataset.name} ipc{task.ipc}", initial=start)
+
+    def update(it, state, scalars):
+        if "loss" in scalars:
+            bar.set_postfix(loss=f"{scalars['loss']:.4g}")
+        bar.update(1)
+    update.close = bar.close
+    return update
+
+
+def _checkpoint_policy(task, ckpt, n, clock, segments):
+    """Save every `checkpoint_every` iterations and whenever `checkpoint_minutes` of wall time passed since the
+    last save (never after the last iteration: the result replaces the checkpoint)."""
+    if not task.checkpoint_path:
+        return None
+    last = [time.perf_counter()]
+
+    def save(it, state, scalars):
+        due = (task.checkpoint_every and (it + 1) % task.checkpoint_every == 0) or (
+            task.checkpoint_minutes and time.perf_counter() - last[0] >= 60 * task.checkpoint_minutes)
+        if it + 1 < n and due:
+            last[0] = time.perf_counter()
+            ckpt.save(state, it + 1, clock.elapsed(), segments)
+    return save

@@ -142,8 +142,8 @@ def iteration_times(name, preset, ds, ipc, device, repeats, overrides=None):
     """Median seconds per iteration of a method, its influence share (IWD), and matching steps per iteration."""
     from .method import Task
     from .registry import create_method
-    method = create_method(name, preset, dict(overrides or {}))
     task = Task(ds, ipc, 0, device)
+    method = create_method(name, preset, dict(overrides or {})).for_task(task)
     gen = torch.Generator().manual_seed(0)
     state = method.init_state(task, gen)
     times, infl = [], []
@@ -205,8 +205,8 @@ def explicit_workload(ds, device, width, batch=256):
     from .method import Task
     from .registry import create_method
     from .synthetic import SyntheticSet
-    method = create_method("dc", None, {"net_width": width})
     task = Task(ds, 1, 0, device)
+    method = create_method("dc", None, {"net_width": width}).for_task(task)
     gen = torch.Generator().manual_seed(0)
     idx = ds.sample_class(0, batch, gen)
     syn = SyntheticSet(ds.x_train[idx[:1]].clone(), torch.tensor([0]), "normalized", {}, {})
@@ -264,8 +264,8 @@ def section_curvature(s, ds):
     from .method import Task
     from .protocol import uniform_weights
     from .registry import create_method
-    m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu")
     task = Task(ds, 10, 0, s.device)
+    m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu").for_task(task)
     gen = torch.Generator().manual_seed(0)
     net = m.fresh_net(task, 0)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -285,7 +285,7 @@ def section_curvature(s, ds):
             opt.zero_grad()
             F.cross_entropy(net(ds.x_train[idx].to(s.device)), ds.y_train[idx].to(s.device)).backward()
             opt.step()
-        step = m.build_step(task, net, m.matching_params(net), syn, gen, 0)
+        step = m.build_step(task, net, syn, gen, 0)
         w0 = uniform_weights(step)
         scores = {}
         for name, cfg in solvers.items():
@@ -312,8 +312,8 @@ def section_warm_start(s, ds):
     from .method import Task
     from .registry import create_method
     preset = "quick" if ds.image_size[0] < 16 else "cpu"
-    m = create_method("iwd+idc", preset, {"iterations": 2})
     task = Task(ds, 10, 0, s.device)
+    m = create_method("iwd+idc", preset, {"iterations": 2}).for_task(task)
     c = m.config
     cfg = lambda k, tol=c.solver_tol: SolverConfig(c.solver, c.damping, k, tol, hessian_batch=c.hessian_batch,  # noqa
                                                    curvature=c.curvature)
@@ -377,8 +377,15 @@ def section_evaluation(s, ds):
 def plain_dc_iteration(net, ds, syn_x, syn_y, opt_img, batch_real=256, gen=None):
     """The reference algorithm written plainly (DC's main loop at IPC 1: one outer step): per class, the mean-loss
     gradient of 256 real images and the synthetic gradient with graph, the layer-wise distance; one image step."""
-    from methods.matching import match_distance
     params = list(net.parameters())
+
+    def layer_cosines(g_syn, g_real):  # DC's 'ours' distance, written out layer by layer (biases skipped)
+        out = 0.0
+        for s, r in zip(g_syn, g_real):
+            if r.dim() > 1:
+                s, r = s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1)
+                out = out + (1 - (s * r).sum(-1) / (s.norm(dim=-1) * r.norm(dim=-1) + 1e-6)).sum()
+        return out
     loss = 0.0
     for c in range(ds.num_classes):
         idx = ds.sample_class(c, batch_real, gen)
@@ -386,7 +393,7 @@ def plain_dc_iteration(net, ds, syn_x, syn_y, opt_img, batch_real=256, gen=None)
         g_real = [t.detach() for t in g_real]
         xs = syn_x[syn_y == c]
         g_syn = torch.autograd.grad(F.cross_entropy(net(xs), syn_y[syn_y == c]), params, create_graph=True)
-        loss = loss + match_distance(g_syn, g_real, "ours")
+        loss = loss + layer_cosines(g_syn, g_real)
     opt_img.zero_grad()
     loss.backward()
     opt_img.step()
@@ -471,8 +478,8 @@ def section_memory(s, ds):
     from .registry import create_method
     out = []
     for preset in ("cpu",):
-        method = create_method("dc", preset, {})
         task = Task(ds, 10, 0, s.device)
+        method = create_method("dc", preset, {}).for_task(task)
         gen = torch.Generator().manual_seed(0)
         state = method.init_state(task, gen)
         trace = []

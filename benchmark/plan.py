@@ -109,6 +109,7 @@ def _distill_cost(method, task):
         with _counting() as c:
             synset = method.distill(task)
         return c["flops"], 1, c["peak_bytes"], synset
+    method = method.for_task(task)
     gen = torch.Generator().manual_seed(task.seed)
     with meta_host_reads():
         state = method.init_state(task, gen)

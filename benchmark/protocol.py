@@ -8,11 +8,28 @@ variant (influence.influence_weighted) answers with softmax(influence / tau).
 
 Weight convention: within a group (a class, for per-class matching) the weights sum to 1, so uniform weights give
 the reference statistic bit for bit. Influence scores are derivatives of Dist at these weights.
+
+Everything a step's weighting needs arrives explicitly: the step, and its `context` (what the steps of one outer
+iteration share). Nothing is kept on the method object between calls.
 """
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+
+@dataclass
+class IterationContext:
+    """What the matching steps of one outer iteration share, created by the loop and passed with every step: the
+    method's state (IWD tracks per-instance scores in it), a sink for the iteration's statistics, memory a solver
+    carries from one step to the next (it starts empty each iteration, so a resumed run stays exact), and device
+    checks read on the host once, when the iteration ends (no sync per step)."""
+    state: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)      # (0-d bool tensor: all good, description of where)
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -55,6 +72,7 @@ class MatchingStep:
     output_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     writer: object = None
     local_step: int = 0      # index of this matching step within the iteration (0 = first)
+    context: Optional[IterationContext] = None  # None: a step outside any iteration (a test, a one-off score)
 
     def __post_init__(self):
         if self.train_params is None:
@@ -66,10 +84,22 @@ def uniform_weights(step: MatchingStep):
 
 
 class WeightedMatching:
-    """Mixin for methods that follow the protocol. Subclasses (IWD variants) override `instance_weights`."""
+    """The protocol a method follows so influence/ can weight it. It builds MatchingSteps, asks
+    `instance_weights(step)` at each, calls `finish_iteration(context)` once the iteration's steps are done, and can
+    build a `scoring_step` against a given synthetic set (whole-training-set scoring). IWD variants override the
+    first two."""
 
     def instance_weights(self, step: MatchingStep):
         return uniform_weights(step)
+
+    def finish_iteration(self, context: IterationContext) -> dict:
+        """Scalars to log for the iteration (after its last step); may raise on the context's pending checks."""
+        return {}
+
+    def scoring_step(self, task, synset, net_index, real_indices, gen) -> MatchingStep:
+        """A matching step of a fresh network (seeded by net_index) against `synset`, with the given real batches
+        ({class: training indices}): what influence/ uses to score the whole training set."""
+        raise NotImplementedError
 
     def matching_loss(self, step: MatchingStep, weights=None):
         """sum_g Dist(Phi_syn_g, Phi_real_g(w_g)); the real statistic carries no graph (as in the references)."""

@@ -8,7 +8,9 @@
     list_methods("iwd+*")       -> names
 
 Users register their own methods from their own module and load it with `run.py --plugin mypkg.mymethod`
-(or the entry-point group "iwd_bench.methods"), without editing this package.
+(or the entry-point group "iwd_bench.methods"), without editing this package. The built-in methods arrive the same
+way: setup.cfg declares `methods` (which lists them all) as an entry point of that group, so the core imports no
+method.
 """
 import fnmatch
 import importlib
@@ -27,21 +29,26 @@ def register_method(name):
     return deco
 
 
+def family(cls):
+    """The module a method comes from, for grouping (methods.dc -> 'dc'; IWD variants list with their base)."""
+    return cls.__module__.rsplit(".", 1)[-1]
+
+
 def _load_builtins():
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("methods")
-        try:
-            importlib.import_module("influence")
-        except ImportError as e:  # influence/ registers the IWD variants and ablations
-            raise BenchmarkError(f"could not import influence/: {e}") from e
-        try:
-            from importlib.metadata import entry_points
-            for ep in entry_points(group="iwd_bench.methods"):
+        from importlib.metadata import entry_points
+        eps = list(entry_points(group="iwd_bench.methods"))
+        for ep in eps:
+            try:
                 ep.load()
-        except Exception as e:  # noqa: BLE001
-            raise BenchmarkError(f"a plugin entry point failed to load: {e}") from e
+            except Exception as e:  # noqa: BLE001
+                raise BenchmarkError(f"the method entry point {ep.name} = {ep.value} failed to load "
+                                     f"({type(e).__name__}: {e})") from e
+        if not any(ep.value == "methods" for ep in eps):
+            raise BenchmarkError("the built-in methods are not registered: the package is not installed (its "
+                                 "entry point iwd_bench.methods = methods is missing). Run: pip install -e .")
 
 
 def list_methods(pattern="*"):

@@ -11,9 +11,9 @@ from typing import Dict, List
 import yaml
 
 from .errors import BenchmarkError, unknown_name
+from .registry import get_method
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suites")
-IPC_FREE_METHODS = ("full",)  # one cell per dataset and seed, shown across all IPC columns
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Suite:
         variants = list(self.variants) or [""]
         for ds in self.datasets:
             for m in self.methods:
-                for ipc in (self.ipc[:1] if m in IPC_FREE_METHODS else self.ipc):
+                for ipc in (self.ipc if get_method(m).uses_ipc else self.ipc[:1]):
                     for seed in self.seeds:
                         for v in variants:
                             if v and m not in self.variants[v] and "*" not in self.variants[v]:

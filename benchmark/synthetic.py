@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BenchmarkError
+from .files import save_torch_atomic
 
 FORMAT = "iwd-bench/synthetic-set/v1"
 
@@ -45,6 +46,14 @@ class SyntheticSet:
             raise BenchmarkError(f"SyntheticSet space must be 'normalized' or 'pixel', got {self.space!r}")
         if len(self.images) != len(self.labels):
             raise BenchmarkError(f"SyntheticSet has {len(self.images)} images but {len(self.labels)} labels")
+
+    @classmethod
+    def from_indices(cls, dataset, idx, metadata, **extras):
+        """A set made of the real training images `idx` (selection methods), recorded in extras['selected_index']."""
+        from .device import to_device
+        on_dev = to_device(idx, dataset.x_train.device)
+        return cls(dataset.x_train[on_dev].clone(), dataset.host.y_train[idx].clone(), "normalized",
+                   {"selected_index": idx, **extras}, metadata)
 
     @property
     def ipc(self):
@@ -92,14 +101,9 @@ class SyntheticSet:
         """Atomic save (write to a temp file, then rename)."""
         blob = {"format": FORMAT, "images": self.images.detach().cpu(), "labels": self.labels.cpu(),
                 "space": self.space, "extras": _cpu(self.extras), "metadata": self.metadata}
-        tmp = f"{path}.tmp{os.getpid()}"
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
+            save_torch_atomic(path, blob)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             raise BenchmarkError(f"cannot write the synthetic set to {path} ({e.strerror or e}); choose a writable "
                                  f"--out path") from e
 

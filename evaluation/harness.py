@@ -8,7 +8,7 @@ Protocols (protocols.md):
   idc    1000 epochs, batch 64, lr 0.01, x0.2 at 2/3 and 5/6 of training, DSA + CutMix (p 0.5)
   paper  the IWD paper's evaluation: each method's own augmentation, lr 0.1 for DC-family sets, 0.01 for IDC/PDD
   full   the Full-Dataset upper bound: 50 epochs on the whole training set, batch 128, lr 0.01 x0.1 at 25, DSA off
-  auto   the protocol of the method that made the set (its metadata's evaluation_hint)
+  auto   the protocol the method that made the set declares (its `evaluation` trait, in the set's metadata)
   *-quick  reduced CPU variants (fewer epochs), labelled as such in every result.
 Sets made by PDD (extras['stages']) are evaluated the staged way: one network trains on stage 1, then on stages
 1..2, and so on, each phase with the protocol's schedule.
@@ -21,8 +21,10 @@ from typing import Tuple
 
 import torch
 
+from benchmark import seeds
 from benchmark.augment import DSA, strategy_for
 from benchmark.errors import BenchmarkError, unknown_name
+from benchmark.logging import progress_bar
 from benchmark.networks import get_network
 from benchmark.training import accuracy, train_steps
 
@@ -65,7 +67,8 @@ _QUICK_EPOCHS = {"dc": 100, "dsa": 200, "idc": 200, "paper-dc": 100, "paper-dsa"
 for _k, _e in _QUICK_EPOCHS.items():
     PROTOCOLS[_k + "-quick"] = dataclasses.replace(PROTOCOLS[_k], name=_k + "-quick", epochs=_e, reduced=True)
 
-HINT_TO_PROTOCOL = {"dc": "dc", "dsa": "dsa", "dm": "dsa", "idc": "idc", "pdd": "idc", "select": "dc", "full": "full"}
+FAMILIES = ("dc", "dsa", "idc", "full")  # what a method's `evaluation` trait may declare
+_OLDER_SETS = {"dm": "dsa", "pdd": "idc", "select": "dc"}  # sets saved before traits carried 'evaluation_hint'
 
 
 def list_protocols():
@@ -79,13 +82,27 @@ def resolve_protocol(name, synset=None) -> Protocol:
     quick = name.endswith("-quick")
     base = name[:-6] if quick else name
     if base in ("auto", "paper"):
-        hint = (synset.metadata.get("evaluation_hint") if synset is not None else None) or "dc"
-        family = HINT_TO_PROTOCOL.get(hint, "dc")
+        family = declared_family(synset, name)
         base = family if (base == "auto" or family == "full") else "paper-" + family
     key = base + ("-quick" if quick else "")
     if key not in PROTOCOLS:
         raise unknown_name("protocol", name, list_protocols())
     return PROTOCOLS[key]
+
+
+def declared_family(synset, protocol_name="auto"):
+    """The evaluation family the set's method declared; a clear error when it declared none."""
+    meta = synset.metadata if synset is not None else {}
+    hint = meta.get("evaluation") or meta.get("evaluation_hint")
+    family = _OLDER_SETS.get(hint, hint)
+    if family not in FAMILIES:
+        who = f"method {meta['method']!r}" if meta.get("method") else "the set (made elsewhere)"
+        raise BenchmarkError(
+            f"protocol {protocol_name!r} needs the evaluation protocol of the method that made the set, but {who} "
+            f"declares {'none' if family is None else repr(family)}. Pass one with --protocol "
+            f"({', '.join(list_protocols())}), or, for your own method, declare it on the class: "
+            f"evaluation = 'dc' (one of {', '.join(FAMILIES)}).")
+    return family
 
 
 def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=0, device="cpu", net_kwargs=None):
@@ -95,7 +112,7 @@ def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=
     gen = torch.Generator().manual_seed(seed)
     net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed,
                       **(net_kwargs or {})).to(device)
-    aug = DSA(strategy=strategy_for(dataset.name)) if protocol.dsa else None
+    aug = DSA(strategy=strategy_for(dataset)) if protocol.dsa else None
     for x, y in stages:
         opt = torch.optim.SGD(net.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
@@ -112,8 +129,8 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
              progress=False, net_kwargs=None, resume=None, on_model=None):
     """Train `num_eval` fresh networks on the set and test them. Returns a result dict with every detail.
     resume: {"accuracies": [...], "seconds": s} of models already evaluated (network i always has the seed
-    seed * 1000 + 17 + i, so resuming gives exactly the uninterrupted result); on_model(same dict) is called after
-    each network, for a caller that persists progress."""
+    seeds.evaluation_seed(seed, i), so resuming gives exactly the uninterrupted result); on_model(same dict) is
+    called after each network, for a caller that persists progress."""
     synset.check_fits(dataset)
     proto = resolve_protocol(protocol, synset)
     dataset = dataset.on(device)
@@ -122,14 +139,16 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
     accs = list((resume or {}).get("accuracies", []))[:num_eval]
     before = float((resume or {}).get("seconds", 0.0))
     it = range(len(accs), num_eval)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc=f"evaluate {proto.name} {network}", leave=False)
+    bar = progress_bar(num_eval, f"evaluate {proto.name} {network}", initial=len(accs)) if progress else None
     for i in it:
-        accs.append(train_and_test(dataset, stages, proto, network, seed=seed * 1000 + 17 + i, device=device,
-                                   net_kwargs=net_kwargs))
+        accs.append(train_and_test(dataset, stages, proto, network, seed=seeds.evaluation_seed(seed, i),
+                                   device=device, net_kwargs=net_kwargs))
         if on_model is not None:
             on_model({"accuracies": list(accs), "seconds": before + time.perf_counter() - t0})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     t = torch.tensor(accs, dtype=torch.float64)
     return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
             "num_eval": num_eval, "network": network, "protocol": dataclasses.asdict(proto),
@@ -140,5 +159,5 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
 def evaluate_full(dataset, protocol="full", network="ConvNet", num_eval=5, seed=0, device="cpu"):
     """The Full-Dataset upper bound: networks trained on the whole training set."""
     from benchmark.synthetic import SyntheticSet
-    full = SyntheticSet(dataset.x_train, dataset.y_train, "normalized", {}, {"method": "full"})
+    full = SyntheticSet(dataset.x_train, dataset.y_train, "normalized", {}, {"method": "full", "evaluation": "full"})
     return evaluate(full, dataset, protocol, network, num_eval, seed, device)

@@ -15,25 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmark import seeds
 from benchmark.method import Method, apply_overrides
 from benchmark.registry import create_method, register_method
-from methods.baselines import selection_set
+from benchmark.synthetic import SyntheticSet
 
 
 def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False):
     """Explicit influence of every training instance of task.dataset against synset under `method`'s matching
     statistic (a method with a `scoring_step`). Returns a float64 tensor of length N_train."""
-    ds = task.dataset
+    ds, method = task.dataset, method.for_task(task)
     scores = torch.zeros(len(ds.y_train), dtype=torch.float64)
-    nets = range(num_nets)
     if progress:
-        from tqdm import tqdm
-        nets = tqdm(nets, desc="influence", leave=False)
-    for n in nets:
-        gen = torch.Generator().manual_seed(task.seed * 7919 + n)
+        from benchmark.logging import progress_bar
+        bar = progress_bar(num_nets, "influence")
+    for n in range(num_nets):
+        gen = seeds.scoring_generator(task.seed, n)
         for c in range(ds.num_classes):
             ix = ds.class_indices[c]
-            step = method.scoring_step(task, synset, 1_000_000 + n, {c: ix}, gen)
+            step = method.scoring_step(task, synset, seeds.scoring_network(n), {c: ix}, gen)
             rows = torch.arange(len(ix)).split(chunk)
             dev = step.batches[0].x.device
             # d Dist / d Phi_real at the class's full uniform statistic (the sum of the chunks' statistics)
@@ -51,6 +51,10 @@ def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=Fal
                 stat = step.real_statistic(0, w, True, rows=r)
                 (s,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(stat, v)), w)
                 scores[ix[r]] += s.detach().cpu().double() / num_nets
+        if progress:
+            bar.update(1)
+    if progress:
+        bar.close()
     return scores
 
 
@@ -87,6 +91,7 @@ class _UsesBase(Method):
 class InfluenceSelect(_UsesBase):
     """Influence-Select: the IPC highest-influence real instances of each class, as the synthetic set."""
     Config = SelectConfig
+    evaluation, ranked = "dc", False
 
     def distill(self, task):
         ds = task.dataset
@@ -94,7 +99,7 @@ class InfluenceSelect(_UsesBase):
         scores = self.whole_set_scores(task)
         idx = torch.cat([ds.class_indices[c][scores[ds.class_indices[c]].argsort(descending=True)[:task.ipc]]
                          for c in range(ds.num_classes)])
-        return selection_set(self, task, idx, influence={"scores": scores})
+        return SyntheticSet.from_indices(ds, idx, self.metadata(task), influence={"scores": scores})
 
 
 @dataclass
@@ -106,6 +111,7 @@ class PruneConfig(SelectConfig):
 class InfluencePruneThenDistill(_UsesBase):
     """Drop the lowest-influence prune_fraction of each class, then distil the remaining data with the base."""
     Config = PruneConfig
+    evaluation = "dc"  # the default base's; each set carries its base method's protocol in its metadata
 
     def distill(self, task):
         ds = task.dataset
@@ -118,6 +124,6 @@ class InfluencePruneThenDistill(_UsesBase):
         keep = torch.cat(keep).sort().values
         pruned = ds.restrict(keep)
         out = self.base_method().distill(dataclasses.replace(task, dataset=pruned, checkpoint_path=None))
-        out.metadata.update(self.metadata(task, evaluation_hint=out.metadata.get("evaluation_hint")),
+        out.metadata.update(self.metadata(task, evaluation=out.metadata.get("evaluation")),
                             base=self.config.base, kept=int(len(keep)))
         return out

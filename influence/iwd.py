@@ -24,7 +24,7 @@ from benchmark.device import to_device
 from benchmark.errors import BenchmarkError
 from benchmark.logging import log_histogram
 from benchmark.method import NonFiniteError
-from benchmark.protocol import WeightedMatching, uniform_weights
+from benchmark.protocol import IterationContext, WeightedMatching, uniform_weights
 from benchmark.registry import register_method
 
 from .ihvp import CURVATURES, SolverConfig
@@ -69,24 +69,52 @@ def effective_sample_size(weights):
     return 1.0 / (weights ** 2).sum()
 
 
-def _validate(self):
-    base_validate = getattr(super(type(self), self), "validate", None)
-    if base_validate is not None:
-        base_validate()
-    if self.tau <= 0:
-        raise BenchmarkError(f"tau must be > 0 (got {self.tau}); tau -> infinity gives the base method")
-    if self.implicit not in ("auto", "on", "off"):
-        raise BenchmarkError(f"implicit must be auto, on or off (got {self.implicit!r})")
-    if self.solver not in ("cg", "lissa", "exact", "identity"):
-        raise BenchmarkError(f"unknown solver {self.solver!r} (cg, lissa, exact, identity)")
-    if self.curvature not in CURVATURES:
-        raise BenchmarkError(f"unknown curvature {self.curvature!r} ({', '.join(CURVATURES)})")
+def check_iwd_options(cfg):
+    if cfg.tau <= 0:
+        raise BenchmarkError(f"tau must be > 0 (got {cfg.tau}); tau -> infinity gives the base method")
+    if cfg.implicit not in ("auto", "on", "off"):
+        raise BenchmarkError(f"implicit must be auto, on or off (got {cfg.implicit!r})")
+    if cfg.solver not in ("cg", "lissa", "exact", "identity"):
+        raise BenchmarkError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity)")
+    if cfg.curvature not in CURVATURES:
+        raise BenchmarkError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
 
 
 def iwd_config(base_config):
+    """The base method's config plus IWDOptions. Its validate checks the base's keys, then IWD's (named functions,
+    no super(type(self)) lookup, so a user's subclass of the generated config validates normally)."""
+    base_validate = getattr(base_config, "validate", None)
+
+    def validate(self):
+        if base_validate is not None:
+            base_validate(self)
+        check_iwd_options(self)
     fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(IWDOptions)]
     return dataclasses.make_dataclass("IWD" + base_config.__name__, fields, bases=(base_config,),
-                                      namespace={"validate": _validate})
+                                      namespace={"validate": validate})
+
+
+def _raise_if_nonfinite(name, checks):
+    """checks: [(0-d bool tensor, (iteration, step, solver note))], read on the host in one go."""
+    if not checks:
+        return
+    ok = torch.stack([f for f, _ in checks]).cpu()
+    if bool(ok.all()):
+        return
+    it, k, note = checks[int((~ok).nonzero()[0])][1]
+    raise NonFiniteError(f"{name}: non-finite influence scores at iteration {it} (matching step "
+                         f"{k}{', solver: ' + note if note else ''})",
+                         hint="Lower lr_img, raise damping, or use solver=cg.")
+
+
+def track_scores(state, step, scores, beta):
+    """Per-instance exponential moving average of the scores, keyed by training index, in the method state."""
+    ema, count = state["influence_ema"], state["influence_count"]  # on the task's device
+    for b, s in zip(step.batches, scores):
+        idx, s = to_device(b.index, ema.device), s.detach().to(ema.dtype)
+        fresh = count[idx] == 0
+        ema[idx] = torch.where(fresh, s, beta * ema[idx] + (1 - beta) * s)
+        count[idx] += 1
 
 
 def influence_weighted(cls=None, *, name=None):
@@ -102,95 +130,61 @@ def influence_weighted(cls=None, *, name=None):
         presets = dict(cls.presets)
         base_method = cls
 
-        def solver_config(self):
-            c = self.config
-            # within an iteration, CG starts from the damping the previous step needed (divided by the growth, so
-            # it can fall again); each iteration (a fresh network) starts from c.damping: resume stays exact
-            damping = max(c.damping, getattr(self, "_damping_now", 0.0))
-            return SolverConfig(solver=c.solver, damping=damping, max_iter=c.solver_max_iter, tol=c.solver_tol,
-                                lissa_scale=c.lissa_scale, hessian_batch=c.hessian_batch, curvature=c.curvature)
+        def resolve(self, task):
+            cfg = super().resolve(task)
+            if cfg.implicit == "auto":  # the implicit term iff the inner training uses real data (S_inner = D)
+                cfg.implicit = "on" if self.inner_data == "real" else "off"
+            return cfg
 
         def instance_weights(self, step):
-            c = self.config
-            t0 = time.perf_counter()
+            """softmax(I / tau) per group; I from one batched pass over the step (influence.scores). Solver memory
+            comes from and goes to step.context; a step without a context is checked at once."""
+            c, t0 = self.config, time.perf_counter()
+            ctx = step.context if step.context is not None else IterationContext()
+            # within an iteration, CG starts from the damping the previous step needed (divided by the growth, so it
+            # can fall again); each iteration (a fresh network, a fresh context) starts from c.damping
+            cfg = SolverConfig(solver=c.solver, damping=max(c.damping, ctx.memory.get("damping", 0.0)),
+                               max_iter=c.solver_max_iter, tol=c.solver_tol, lissa_scale=c.lissa_scale,
+                               hessian_batch=c.hessian_batch, curvature=c.curvature)
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
-            cfg = self.solver_config()
-            x0 = getattr(self, "_h_prev", None) if c.warm_start else None
+            x0 = ctx.memory.get("solution") if c.warm_start else None
             scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0)
-            self._h_prev = info.get("solution")
-            finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
-            where = (step.iteration, step.local_step, info.get("solver_note") or "")
-            pending = getattr(self, "_finite_checks", None)
-            if pending is None:  # called outside an iteration: check now
-                self._raise_if_nonfinite([(finite, where)])
-            else:  # read on the host once per iteration (no sync per matching step); nothing is saved before it
-                pending.append((finite, where))
+            ctx.memory["solution"] = info.get("solution")
             if info.get("implicit"):
-                self._damping_now = info["solver_damping"] / cfg.damping_growth
+                ctx.memory["damping"] = info["solver_damping"] / cfg.damping_growth
+            finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
+            ctx.checks.append((finite, (step.iteration, step.local_step, info.get("solver_note") or "")))
+            if step.context is None:
+                _raise_if_nonfinite(self.name, ctx.checks)
             weights = [influence_weights(s, c.tau, c.standardize) for s in scores]
-            self._track(step, scores)
-            stats = getattr(self, "_iwd_stats", None)
-            if stats is not None:
-                stats["time/influence_s"] = stats.get("time/influence_s", 0.0) + time.perf_counter() - t0
-                ess = torch.stack([effective_sample_size(w) / len(w) for w in weights])
-                stats["iwd/relative_ess"] = ess.mean()  # a device scalar, read once per iteration
-                if info.get("implicit"):
-                    stats["iwd/solver_iterations"] = float(info["solver_iterations"])
-                    stats["iwd/solver_residual"] = float(info["solver_residual"])
-                    stats["iwd/solver_damping"] = float(info["solver_damping"])
-                if step.writer is not None and step.local_step == 0:
-                    log_histogram(step.writer, "iwd/scores", torch.cat(scores), step.iteration)
-                    log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
+            if "influence_ema" in ctx.state:
+                track_scores(ctx.state, step, scores, c.track_beta)
+            stats = ctx.stats
+            stats["time/influence_s"] = stats.get("time/influence_s", 0.0) + time.perf_counter() - t0
+            stats["iwd/relative_ess"] = torch.stack([effective_sample_size(w) / len(w) for w in weights]).mean()
+            if info.get("implicit"):
+                stats["iwd/solver_iterations"] = float(info["solver_iterations"])
+                stats["iwd/solver_residual"] = float(info["solver_residual"])
+                stats["iwd/solver_damping"] = float(info["solver_damping"])
+            if step.writer is not None and step.local_step == 0:
+                log_histogram(step.writer, "iwd/scores", torch.cat(scores), step.iteration)
+                log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
             return weights
 
-        def _raise_if_nonfinite(self, checks):
-            if not checks:
-                return
-            ok = torch.stack([f for f, _ in checks]).cpu()
-            if bool(ok.all()):
-                return
-            it, k, note = checks[int((~ok).nonzero()[0])][1]
-            raise NonFiniteError(
-                f"{self.name}: non-finite influence scores at iteration {it} (matching step "
-                f"{k}{', solver: ' + note if note else ''}); last good checkpoint: "
-                f"{getattr(self, '_last_ckpt', None) or 'none (set --checkpoint-every)'}."
-                f" Lower lr_img, raise damping, or use solver=cg.")
-
-        def _track(self, step, scores):
-            state = getattr(self, "_iwd_state", None)
-            if state is None:
-                return
-            beta = self.config.track_beta
-            ema, count = state["influence_ema"], state["influence_count"]  # on the task's device
-            for b, s in zip(step.batches, scores):
-                idx, s = to_device(b.index, ema.device), s.detach().to(ema.dtype)
-                fresh = count[idx] == 0
-                ema[idx] = torch.where(fresh, s, beta * ema[idx] + (1 - beta) * s)
-                count[idx] += 1
+        def finish_iteration(self, context):
+            out = super().finish_iteration(context)
+            _raise_if_nonfinite(self.name, context.checks)  # one host read per iteration, before any checkpoint
+            out.update({k: float(v) for k, v in context.stats.items()})
+            out["time/matching_s"] = (time.perf_counter() - context.started
+                                      - context.stats.get("time/influence_s", 0.0))
+            return out
 
         def init_state(self, task, gen):
             state = super().init_state(task, gen)
             n = len(task.dataset.y_train)
-            state["influence_ema"] = torch.zeros(n, dtype=torch.float64)
-            state["influence_count"] = torch.zeros(n, dtype=torch.int64)
+            state["influence_ema"] = torch.zeros(n, dtype=torch.float64, device=task.device)
+            state["influence_count"] = torch.zeros(n, dtype=torch.int64, device=task.device)
             return state
-
-        def iteration(self, task, state, it, gen):
-            # per-iteration solver memory (damping, warm start) starts afresh: a resumed run stays exact
-            self._iwd_state, self._iwd_stats, self._damping_now, self._h_prev = state, {}, 0.0, None
-            self._finite_checks = []
-            for k in ("influence_ema", "influence_count"):
-                state[k] = state[k].to(task.device)
-            t0 = time.perf_counter()
-            try:
-                out = super().iteration(task, state, it, gen)
-            finally:
-                checks, self._finite_checks = self._finite_checks, None
-            self._raise_if_nonfinite(checks)
-            out.update({k: float(v) for k, v in self._iwd_stats.items()})
-            out["time/matching_s"] = time.perf_counter() - t0 - self._iwd_stats.get("time/influence_s", 0.0)
-            self._iwd_state = self._iwd_stats = None
-            return out
 
         def result(self, task, state):
             out = super().result(task, state)
@@ -199,6 +193,7 @@ def influence_weighted(cls=None, *, name=None):
             return out
 
     IWDMethod.__name__ = IWDMethod.__qualname__ = "IWD" + cls.__name__
+    IWDMethod.__module__ = cls.__module__  # listed with its base method's family
     IWDMethod.__doc__ = f"IWD+{cls.name.upper()}: {cls.__doc__ or ''}"
     register_method(name or f"iwd+{cls.name}")(IWDMethod)
     return IWDMethod

@@ -5,19 +5,12 @@ from dataclasses import dataclass
 import torch
 
 from benchmark.device import to_device
+from benchmark.files import save_torch_atomic
 from benchmark.method import Method
 from benchmark.networks import get_network
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
-
-
-def selection_set(method, task, idx, **extras):
-    """A synthetic set made of the real training images `idx` (selection methods)."""
-    ds = task.dataset
-    on_dev = to_device(idx, ds.x_train.device)
-    return SyntheticSet(ds.x_train[on_dev].clone(), ds.host.y_train[idx].clone(), "normalized",
-                        {"selected_index": idx, **extras}, method.metadata(task, evaluation_hint="select"))
 
 
 @dataclass
@@ -29,12 +22,14 @@ class RandomConfig:
 class RandomSelect(Method):
     """IPC random real images per class (seeded). Also the paper's Random-Select ablation."""
     Config = RandomConfig
+    evaluation, ranked = "dc", False  # selected real images, evaluated like DC's sets; not ranked with distillation
 
     def distill(self, task):
         ds = task.dataset
         ds.check_ipc(task.ipc)
         gen = torch.Generator().manual_seed(task.seed)
-        return selection_set(self, task, torch.cat([ds.sample_class(c, task.ipc, gen) for c in range(ds.num_classes)]))
+        idx = torch.cat([ds.sample_class(c, task.ipc, gen) for c in range(ds.num_classes)])
+        return SyntheticSet.from_indices(ds, idx, self.metadata(task))
 
 
 @dataclass
@@ -71,10 +66,7 @@ def feature_network(task, cfg):
                     lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0))
         if cacheable:
             try:
-                os.makedirs(cache, exist_ok=True)
-                tmp = f"{path}.tmp{os.getpid()}"
-                torch.save({k: v.cpu() for k, v in net.state_dict().items()}, tmp)
-                os.replace(tmp, path)
+                save_torch_atomic(path, {k: v.cpu() for k, v in net.state_dict().items()})
             except OSError:
                 pass  # an unwritable cache only costs time
     net.eval()
@@ -103,6 +95,7 @@ def herding_select(features, k):
 class Herding(Method):
     """Per class, herding on the features (output of the last conv block, flattened) of a trained ConvNet."""
     Config = HerdingConfig
+    evaluation, ranked = "dc", False
     presets = {"quick": {"feature_epochs": 10, "network": "ConvNetD2"},
                "cpu": {"feature_epochs": 10, "network": "ConvNetW32"}}  # width 32 like the cpu distillation presets
 
@@ -118,7 +111,7 @@ class Herding(Method):
                 feats = torch.cat([net.embed(ds.x_train[ix_dev[s:s + 1024]]) for s in range(0, len(ix), 1024)])
                 # the greedy selection reads an argmin per pick: on the host, one copy per class
                 picked.append(ix[herding_select(feats.double().cpu(), task.ipc)])
-        return selection_set(self, task, torch.cat(picked))
+        return SyntheticSet.from_indices(ds, torch.cat(picked), self.metadata(task))
 
 
 @dataclass
@@ -130,7 +123,8 @@ class FullConfig:
 class FullDataset(Method):
     """The Full-Dataset upper bound: the whole training set, evaluated under the 'full' protocol. IPC is ignored."""
     Config = FullConfig
+    evaluation, ranked, uses_ipc = "full", False, False
 
     def distill(self, task):
         ds = task.dataset
-        return SyntheticSet(ds.x_train, ds.y_train, "normalized", {}, self.metadata(task, evaluation_hint="full"))
+        return SyntheticSet(ds.x_train, ds.y_train, "normalized", {}, self.metadata(task))

@@ -6,12 +6,12 @@ synthetic gradients (layer-wise 'ours' distance), one SGD step on all synthetic 
 (outer_loop, inner_loop) come from the reference table by IPC (matching.dc_loops for other IPCs).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from benchmark.device import to_device
+from benchmark.errors import BenchmarkError
 from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
 
 from .matching import GradientMatching, dc_loops
@@ -21,24 +21,23 @@ from .matching import GradientMatching, dc_loops
 class DCConfig:
     iterations: int = 1000
     network: str = "ConvNet"
-    net_width: int = 0            # 0: the network's own width
+    net_width: Optional[int] = None      # None: the network's own width
     batch_real: int = 256
     lr_img: float = 0.1
     momentum_img: float = 0.5
     lr_net: float = 0.01
-    momentum_net: float = 0.0     # the reference's network optimiser is plain SGD
+    momentum_net: float = 0.0            # the reference's network optimiser is plain SGD
     batch_train: int = 256
-    outer_loop: int = 0           # 0: the reference table by IPC
-    inner_loop: int = 0           # 0: the reference table by IPC
-    max_outer_loop: int = 0       # 0: no cap (reduced presets cap the table's outer loop)
-    init: str = "noise"           # noise | real
-    metric: str = "ours"          # ours | mse | cos | l1
+    outer_loop: Optional[int] = None     # None: the reference table by IPC (capped by max_outer_loop)
+    inner_loop: Optional[int] = None     # None: the reference table by IPC
+    max_outer_loop: Optional[int] = None  # None: no cap (reduced presets cap the table's outer loop)
+    init: str = "noise"                  # noise | real
+    metric: str = "ours"                 # ours | mse | cos | l1
     dsa: bool = False
-    dsa_strategy: str = ""        # "": by dataset (no flip for digit datasets)
+    dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
 
     def validate(self):
         if self.init not in ("noise", "real"):
-            from benchmark.errors import BenchmarkError
             raise BenchmarkError(f"init must be 'noise' or 'real', got {self.init!r}")
 
 
@@ -54,49 +53,31 @@ QUICK_PRESET = {"iterations": 30, **QUICK_NET, "batch_real": 64, "inner_loop": 1
                 "init": "real"}
 
 
-def _init_images(task, gen, per_class, init):
-    ds = task.dataset
-    if init == "real":
-        idx = torch.cat([ds.sample_class(c, per_class, gen) for c in range(ds.num_classes)])
-        return ds.x_train[to_device(idx, ds.x_train.device)].clone()
-    return torch.randn((ds.num_classes * per_class, ds.channels, *ds.image_size), generator=gen)
-
-
 @register_method("dc")
 class DC(GradientMatching):
     """Gradient matching per class on fresh networks, inner training on the synthetic set (Zhao et al. 2021)."""
     Config = DCConfig
     presets = {"cpu": CPU_PRESET, "quick": QUICK_PRESET}
+    evaluation = "dc"
 
-    def loops(self, task):
+    def resolve(self, task):
+        cfg = super().resolve(task)
         outer, inner = dc_loops(task.ipc)
-        outer = self.config.outer_loop or outer
-        if self.config.max_outer_loop:
-            outer = min(outer, self.config.max_outer_loop)
-        return outer, self.config.inner_loop or inner
+        cfg.outer_loop = cfg.outer_loop or outer
+        if cfg.max_outer_loop:
+            cfg.outer_loop = min(cfg.outer_loop, cfg.max_outer_loop)
+        cfg.inner_loop = cfg.inner_loop or inner
+        return self.resolve_dsa(cfg, task)
 
     def match_steps(self, task):
-        return self.loops(task)[0]
+        return self.config.outer_loop
 
     def net_optimizer(self, net):
         return torch.optim.SGD(net.parameters(), lr=self.config.lr_net, momentum=self.config.momentum_net)
 
     def train_between(self, task, net, opt_net, leaf, labels, gen):
-        train_steps(net, leaf, labels, opt_net, epochs=self.loops(task)[1], batch=self.config.batch_train,
+        train_steps(net, leaf, labels, opt_net, epochs=self.config.inner_loop, batch=self.config.batch_train,
                     aug=self.dsa_for(task), gen=gen)
-
-    def init_state(self, task, gen):
-        task.dataset.check_ipc(task.ipc)
-        ds = task.dataset
-        images = _init_images(task, gen, task.ipc, self.config.init)
-        labels = torch.arange(ds.num_classes).repeat_interleave(task.ipc)
-        return {"images": images, "labels": labels, "opt_img": None}
-
-    def result(self, task, state):
-        return SyntheticSet(state["images"].clone(), state["labels"].clone(), "normalized", {},
-                            self.metadata(task, evaluation_hint=self.evaluation_hint))
-
-    evaluation_hint = "dc"
 
 
 @dataclass
@@ -109,5 +90,4 @@ class DSAConfig(DCConfig):
 class DSAMethod(DC):
     """DC with the same random differentiable augmentation on real and synthetic batches (Zhao & Bilen 2021)."""
     Config = DSAConfig
-    presets = {"cpu": CPU_PRESET, "quick": QUICK_PRESET}
-    evaluation_hint = "dsa"
+    evaluation = "dsa"

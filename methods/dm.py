@@ -7,32 +7,28 @@ Batched across classes: one forward for all classes' real images and one for all
 per-sample normalisation; BatchNorm networks fall back to the reference's per-class passes).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from benchmark.augment import DSA, strategy_for
-from benchmark.device import to_device
-from benchmark.method import IterativeMethod
-from benchmark.networks import get_network
-from benchmark.protocol import MatchingStep, RealBatch, WeightedMatching
+from benchmark.protocol import MatchingStep
 from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet
 
-from .dc import QUICK_NET, _init_images
+from .dc import QUICK_NET
+from .matching import MatchingMethod, has_batchnorm
 
 
 @dataclass
 class DMConfig:
     iterations: int = 20000
     network: str = "ConvNet"
-    net_width: int = 0
+    net_width: Optional[int] = None
     batch_real: int = 256
     lr_img: float = 1.0
     momentum_img: float = 0.5
     init: str = "real"
     dsa: bool = True
-    dsa_strategy: str = ""
+    dsa_strategy: Optional[str] = None
 
 
 def _sq_distance(syn, real):
@@ -40,70 +36,34 @@ def _sq_distance(syn, real):
 
 
 @register_method("dm")
-class DM(WeightedMatching, IterativeMethod):
+class DM(MatchingMethod):
     """Distribution matching: per-class mean embeddings of random networks, augmented (Zhao & Bilen 2023)."""
     Config = DMConfig
     presets = {"cpu": {"iterations": 2000, "net_width": 32, "batch_real": 64},
                "quick": {"iterations": 200, **QUICK_NET, "batch_real": 64}}
-    evaluation_hint = "dm"
+    evaluation = "dsa"  # the reference evaluates DM's sets with DSA augmentation
 
-    def init_state(self, task, gen):
-        task.dataset.check_ipc(task.ipc)
-        ds = task.dataset
-        images = _init_images(task, gen, task.ipc, self.config.init)
-        return {"images": images, "labels": torch.arange(ds.num_classes).repeat_interleave(task.ipc),
-                "opt_img": None}
+    def resolve(self, task):
+        return self.resolve_dsa(super().resolve(task), task)
 
-    def fresh_net(self, task, it):
-        cfg, ds = self.config, task.dataset
-        kw = {"width": cfg.net_width} if cfg.net_width else {}
-        net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size,
-                          seed=task.seed * 1_000_003 + it, **kw).to(task.device)
+    def fresh_net(self, task, index):
+        net = super().fresh_net(task, index)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
         return net
 
-    def scoring_step(self, task, synset, net_index, real_indices, gen):
-        net = self.fresh_net(task, net_index)
-        x, y = synset.training_data(task.dataset)
-        order = torch.cat([torch.nonzero(y == c).flatten() for c in sorted(real_indices)])
-        return self.build_step(task, net, x[order].to(task.device), gen, net_index, real_indices=real_indices)
-
-    def iteration(self, task, state, it, gen):
-        cfg, ds = self.config, task.dataset
-        net = self.fresh_net(task, it)
-        leaf = state["images"].clone().to(task.device).requires_grad_(True)
-        opt = torch.optim.SGD([leaf], lr=cfg.lr_img, momentum=cfg.momentum_img)
-        if state.get("opt_img") is not None:
-            opt.load_state_dict(state["opt_img"])
-        step = self.build_step(task, net, leaf, gen, it)
-        loss = self.matching_loss(step, self.instance_weights(step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state["images"] = leaf.detach()  # the state lives on the task's device
-        state["opt_img"] = opt.state_dict()
-        return {"loss": float(loss.detach()) / ds.num_classes}
-
-    def build_step(self, task, net, leaf, gen, it, real_indices=None):
-        cfg, ds = self.config, task.dataset
-        dsa = DSA(strategy=cfg.dsa_strategy or strategy_for(ds.name)) if cfg.dsa else None
-        classes = sorted(real_indices) if real_indices is not None else range(ds.num_classes)
-        ipc = len(leaf) // len(classes)
+    def build_step(self, task, net, syn, gen, it, real_indices=None):
+        dsa = self.dsa_for(task)
+        classes = sorted(syn)
         batches, real_aug, syn_aug = [], [], []
-        for g, c in enumerate(classes):
-            idx = real_indices[c] if real_indices is not None else ds.sample_class(c, cfg.batch_real, gen)
-            on_dev = to_device(idx, ds.x_train.device)  # data on the task's device; indices CPU-drawn
-            xr = ds.x_train[on_dev]
-            batches.append(RealBatch(xr, ds.y_train[on_dev], idx, c))
-            xs = leaf[g * ipc:(g + 1) * ipc]
-            if dsa is not None:
-                xr, xs = dsa.siamese(xr, xs, gen)
+        for c in classes:
+            b = self.real_batch(task, c, gen, real_indices)
+            batches.append(b)
+            xr, xs = dsa.siamese(b.x, syn[c][0], gen) if dsa is not None else (b.x, syn[c][0])
             real_aug.append(xr)
             syn_aug.append(xs)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        if has_bn:
+        if has_batchnorm(net):
             with torch.no_grad():
                 real_emb = [net.embed(x) for x in real_aug]
             syn_emb = [net.embed(x) for x in syn_aug]
@@ -111,16 +71,11 @@ class DM(WeightedMatching, IterativeMethod):
             with torch.no_grad():
                 real_emb = net.embed(torch.cat(real_aug)).split([len(x) for x in real_aug])
             syn_emb = net.embed(torch.cat(syn_aug)).split([len(x) for x in syn_aug])
-        syn_stats = [(e.mean(0),) for e in syn_emb]
 
         def real_statistic(g, weights, create_graph=False, rows=None):
             emb = real_emb[g] if rows is None else real_emb[g][rows]
             return ((weights[:, None] * emb).sum(0),)
 
-        return MatchingStep(iteration=it, params=[p for p in net.parameters()], batches=batches,
-                            real_statistic=real_statistic, distance=_sq_distance, syn_stats=syn_stats,
-                            inner_data="synthetic", writer=task.writer)
-
-    def result(self, task, state):
-        return SyntheticSet(state["images"].clone(), state["labels"].clone(), "normalized", {},
-                            self.metadata(task, evaluation_hint=self.evaluation_hint))
+        return MatchingStep(iteration=it, params=list(net.parameters()), batches=batches,
+                            real_statistic=real_statistic, distance=_sq_distance,
+                            syn_stats=[(e.mean(0),) for e in syn_emb], inner_data="synthetic", writer=task.writer)

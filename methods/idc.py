@@ -11,19 +11,18 @@
 """
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from benchmark.device import to_device
 from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet, decode_multi_formation
+from benchmark.synthetic import decode_multi_formation
 from benchmark.training import train_steps
 
 from .dc import QUICK_NET
 from .matching import GradientMatching
-
-MNIST_LIKE = ("mnist", "fashion-mnist", "digits")
 
 
 @dataclass
@@ -31,22 +30,22 @@ class IDCConfig:
     iterations: int = 2000        # the reference's niter
     inner_loop: int = 100
     network: str = "ConvNet"
-    net_width: int = 0
-    factor: int = 0               # 0: 2 for 28/32 px images (reference), 1 below 16 px (8 px digits: tiles of 4 px
-                                  # lose the digit; a documented deviation)
+    net_width: Optional[int] = None
+    factor: Optional[int] = None  # None: 2 for 28/32 px images (reference), 1 below 16 px (8 px digits: tiles of
+                                  # 4 px lose the digit; a documented deviation)
     batch_real: int = 64
     batch_syn_max: int = 128
-    lr_img_base: float = 0.0      # 0: by dataset, 1e-4 for MNIST-like data, 5e-3 otherwise
+    lr_img_base: Optional[float] = None  # None: by dataset family, 1e-4 for MNIST-like data, 5e-3 otherwise
     momentum_img: float = 0.5
     lr_net: float = 0.01
     momentum_net: float = 0.9
     weight_decay_net: float = 5e-4
-    n_data: int = 0               # real images per network-training phase; 0: 2000 for CIFAR, 500 otherwise
+    n_data: Optional[int] = None  # real images per network-training phase; None: 2000 for CIFAR, 500 otherwise
     batch_net: int = 64
     cutmix_p: float = 0.5
-    metric: str = ""              # "": l1 for MNIST-like data, mse otherwise
+    metric: Optional[str] = None  # None: l1 for MNIST-like data, mse otherwise
     dsa: bool = True
-    dsa_strategy: str = ""
+    dsa_strategy: Optional[str] = None
 
 
 @register_method("idc")
@@ -56,17 +55,24 @@ class IDC(GradientMatching):
     presets = {"cpu": {"iterations": 100, "inner_loop": 20, "net_width": 32},
                "quick": {"iterations": 10, "inner_loop": 10, "n_data": 256, **QUICK_NET}}
     inner_data = "real"
-    evaluation_hint = "idc"
+    space = "pixel"
+    evaluation = "idc"
 
-    def factor(self, task):
-        return self.config.factor or (2 if task.dataset.image_size[0] >= 16 else 1)
-
-    def metric(self, task):
-        return self.config.metric or ("l1" if task.dataset.name in MNIST_LIKE else "mse")
+    def resolve(self, task):
+        cfg, ds = super().resolve(task), task.dataset
+        mnist_like = ds.spec.family == "mnist"  # the reference's per-dataset choices, by declared family
+        if cfg.factor is None:
+            cfg.factor = 2 if ds.image_size[0] >= 16 else 1
+        if cfg.metric is None:
+            cfg.metric = "l1" if mnist_like else "mse"
+        if cfg.lr_img_base is None:
+            cfg.lr_img_base = 1e-4 if mnist_like else 5e-3
+        if cfg.n_data is None:
+            cfg.n_data = 2000 if ds.spec.family == "cifar" else 500
+        return self.resolve_dsa(cfg, task)
 
     def image_lr(self, task):
-        base = self.config.lr_img_base or (1e-4 if task.dataset.name in MNIST_LIKE else 5e-3)
-        return base * task.ipc / 10
+        return self.config.lr_img_base * task.ipc / 10
 
     def matching_params(self, net):
         return [p for p in net.parameters() if p.dim() == 4]  # conv weights only (reference: no bias, no fc)
@@ -80,19 +86,17 @@ class IDC(GradientMatching):
 
     def train_between(self, task, net, opt_net, leaf, labels, gen):
         ds, c = task.dataset, self.config
-        n_data = c.n_data or (2000 if ds.name.startswith("cifar") else 500)
-        train_steps(net, ds.x_train, ds.y_train, opt_net, steps=math.ceil(n_data / c.batch_net), batch=c.batch_net,
+        train_steps(net, ds.x_train, ds.y_train, opt_net, steps=math.ceil(c.n_data / c.batch_net), batch=c.batch_net,
                     aug=self.dsa_for(task), gen=gen, cutmix_p=c.cutmix_p)
 
-    def synthetic_images(self, task, stored):
-        return task.dataset.normalize(decode_multi_formation(stored, self.factor(task)))[: self.config.batch_syn_max]
+    def decode(self, task, stored):
+        return task.dataset.normalize(decode_multi_formation(stored, self.config.factor))[: self.config.batch_syn_max]
 
-    def after_image_step(self, leaf):
-        with torch.no_grad():
-            leaf.clamp_(0.0, 1.0)
+    def set_extras(self, task):
+        return {"factor": self.config.factor}
 
     def init_state(self, task, gen):
-        ds, f = task.dataset, self.factor(task)
+        ds, f = task.dataset, self.config.factor
         ds.check_ipc(task.ipc)
         h, w = ds.image_size
         stored = []
@@ -110,8 +114,3 @@ class IDC(GradientMatching):
             stored.append(x)
         return {"images": torch.cat(stored), "opt_img": None,
                 "labels": torch.arange(ds.num_classes).repeat_interleave(task.ipc)}
-
-    def result(self, task, state):
-        return SyntheticSet(state["images"].clone(), state["labels"].clone(), "pixel", {"factor": self.factor(task)},
-                            self.metadata(task, evaluation_hint=self.evaluation_hint))
-

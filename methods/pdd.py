@@ -28,8 +28,8 @@ def stage_sizes(ipc, stages):
 
 
 class Progressive:
-    """Mixin turning a GradientMatching method into its progressive (PDD) version."""
-    evaluation_hint = "pdd"
+    """Mixin turning a matching method into its progressive (PDD) version (its evaluation protocol stays the
+    base's; the harness evaluates staged sets stage by stage)."""
 
     def _sizes(self, task):
         return stage_sizes(task.ipc, self.config.stages)
@@ -84,7 +84,6 @@ class Progressive:
     def result(self, task, state):
         base = super().result(task, state)
         base.extras.update(stages=self._sizes(task), stage_of=state["stage_of"].clone())
-        base.metadata["evaluation_hint"] = self.evaluation_hint
         return base
 
 
@@ -106,10 +105,6 @@ class PDD(Progressive, IDC):
     Config = PDDConfig
     presets = {"cpu": {"iterations": 40, "inner_loop": 20, "net_width": 32, "condition_epochs": 20},
                "quick": {"iterations": 4, "inner_loop": 10, "n_data": 256, **QUICK_NET, "condition_epochs": 20}}
-    space = "pixel"
-
-    def set_extras(self, task):
-        return {"factor": self.factor(task)}
 
 
 @dataclass
@@ -123,8 +118,3 @@ class PDDDC(Progressive, DC):
     Config = PDDDCConfig
     presets = {"cpu": {**DC_CPU, "iterations": 40, "condition_epochs": 20},
                "quick": {**DC_QUICK, "iterations": 10, "condition_epochs": 20}}
-    space = "normalized"
-    evaluation_hint = "dc"  # staged evaluation (from extras['stages']) under the DC protocol
-
-    def set_extras(self, task):
-        return {}

@@ -13,13 +13,12 @@ from influence.ihvp import HVP, cg_solve, lissa_solve
 
 
 def _dc_step(ds, task_of, method="dc", extra=(), seed=0):
-    m = create_method(method, None, ["net_width=4", "batch_real=6", *extra])
     task = task_of(ds, 2, seed)
+    m = create_method(method, None, ["net_width=4", "batch_real=6", *extra]).for_task(task)
     gen = torch.Generator().manual_seed(seed)
     net = m.fresh_net(task, 0).double()
-    params = m.matching_params(net)
     syn = {c: (ds.x_train[ds.class_indices[c][:2]].clone() + 0.1, torch.full((2,), c)) for c in range(3)}
-    return m, m.build_step(task, net, params, syn, gen, 0)
+    return m, m.build_step(task, net, syn, gen, 0)
 
 
 @pytest.mark.parametrize("method", ["dc", "dsa", "idc"])
@@ -44,11 +43,11 @@ def test_explicit_scores_equal_finite_differences(digits64, task_of, method):
 
 
 def test_dm_explicit_scores_finite_differences(digits64, task_of):
-    m = create_method("dm", None, ["net_width=4", "batch_real=6"])
     task = task_of(digits64, 2, 0)
+    m = create_method("dm", None, ["net_width=4", "batch_real=6"]).for_task(task)
     net = m.fresh_net(task, 0).double()
     leaf = digits64.x_train[torch.cat([digits64.class_indices[c][:2] for c in range(10)])].clone()
-    step = m.build_step(task, net, leaf, torch.Generator().manual_seed(0), 0)
+    step = m.build_step(task, net, m.synthetic_batches(task, leaf, 2), torch.Generator().manual_seed(0), 0)
     w0 = uniform_weights(step)
     s = explicit_scores(step, 3, w0[3])
     syn = [t.detach() for t in step.syn_stats[3]]

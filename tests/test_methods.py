@@ -44,7 +44,9 @@ def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
     from benchmark.method import Task
     task = Task(digits, 1, 0)
     leaf = digits.x_train[torch.cat([digits.class_indices[c][:1] for c in range(10)])]
-    step = dm.build_step(task, dm.fresh_net(task, 0), leaf, torch.Generator().manual_seed(0), 0)
+    dm = dm.for_task(task)
+    step = dm.build_step(task, dm.fresh_net(task, 0), dm.synthetic_batches(task, leaf, 1),
+                         torch.Generator().manual_seed(0), 0)
     w0 = uniform_weights(step)
     with torch.no_grad():
         emb = dm.fresh_net(task, 0).embed(step.batches[3].x)  # the same seeded network, per-class pass
@@ -195,13 +197,12 @@ def test_a_short_distillation_lowers_the_matching_loss(digits, task_of):
     task = task_of(digits, 1, 0)
     state = m.init_state(task, torch.Generator().manual_seed(0))
     net = m.fresh_net(task, 0)
-    params = m.matching_params(net)
     leaf = state["images"].clone().requires_grad_(True)
     opt = torch.optim.SGD([leaf], lr=0.05, momentum=0.5)
     losses = []
     for _ in range(25):
         syn = {c: (leaf[c:c + 1], torch.tensor([c])) for c in range(10)}
-        step = m.build_step(task, net, params, syn, torch.Generator().manual_seed(1), 0)
+        step = m.build_step(task, net, syn, torch.Generator().manual_seed(1), 0)
         loss = m.matching_loss(step)
         opt.zero_grad()
         loss.backward()

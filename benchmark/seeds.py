@@ -1,0 +1,23 @@
+"""Every seed formula of the benchmark, in one place. Each random stream is a function of the cell's seed and a
+counter, so a resumed run, a worker on another machine and a rerun all draw the same numbers."""
+import torch
+
+
+def network_seed(task_seed, iteration):
+    """The fresh network of distillation iteration `iteration` (a large odd multiplier keeps seeds apart)."""
+    return task_seed * 1_000_003 + iteration
+
+
+def scoring_network(n):
+    """The n-th network whole-training-set scoring uses: indices no distillation iteration reaches."""
+    return 1_000_000 + n
+
+
+def scoring_generator(task_seed, n):
+    """The real-batch and augmentation stream of the n-th scoring network."""
+    return torch.Generator().manual_seed(task_seed * 7919 + n)
+
+
+def evaluation_seed(seed, i):
+    """The i-th evaluation network of a cell (resuming an evaluation gives exactly the uninterrupted result)."""
+    return seed * 1000 + 17 + i
