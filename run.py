@@ -107,15 +107,8 @@ def list_cmd():
 
 
 def _check_writable(path, option):
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = os.path.join(folder, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise BenchmarkError(f"cannot write to {folder} ({e.strerror or e}); choose a writable {option} path")
+    from benchmark.files import check_writable
+    check_writable(os.path.dirname(os.path.abspath(path)), f"{option} path")
 
 
 @cli.command()
@@ -259,11 +252,11 @@ def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, 
     """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
     import time
 
-    from benchmark.runner import run_suite
+    from benchmark.runner import RunOptions, run_suite
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     t0 = time.time()
-    done, failures = run_suite(s, run_root, executor, workers, address, data_root, device, not no_tensorboard,
-                               download=download)
+    options = RunOptions(data_root=data_root, download=download, device=device, log=not no_tensorboard)
+    done, failures = run_suite(s, run_root, options, executor=executor, workers=workers, address=address)
     click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed")
     path = _write_table(s, run_root, results_root)
     if path:

@@ -113,10 +113,6 @@ class Dataset:
         kept = dataclasses.replace(host, name=host.name, x_train=host.x_train[keep], y_train=host.y_train[keep])
         return kept.on(self.x_train.device)
 
-    def describe(self):
-        return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test, {self.num_classes} classes, "
-                f"{self.channels}x{self.image_size[0]}x{self.image_size[1]}")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # registry

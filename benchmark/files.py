@@ -5,6 +5,19 @@ import os
 import time
 
 
+def check_writable(folder, option):
+    """Create `folder` and prove a file can be written there, before hours of work depend on it."""
+    from .errors import BenchmarkError
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise BenchmarkError(f"cannot write to {folder} ({e.strerror or e}); choose a writable {option}") from None
+
+
 def atomic_write(path, write):
     """write(tmp) to a unique temporary file next to `path`, then rename it over `path`: a reader (or a crash) sees
     the old file or the new one, never half of one, and two writers never share a temporary file."""

@@ -5,11 +5,12 @@ row and marks it * when a two-sided Welch t-test over the pooled accuracies give
 Rows quoted from papers are marked "(reported)" and never ranked with measured rows.
 """
 import csv
-import datetime
 import os
 from collections import OrderedDict
 
 from evaluation.stats import summarize, welch_test
+
+from .files import utc_now
 
 # Published numbers (ConvNet-3), from protocols.md and the IWD paper's Table 1: (dataset, ipc) -> (mean, std)
 REPORTED = {
@@ -163,7 +164,7 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         f"- commit(s) {', '.join(sorted({str(r.get('commit', '?')) for r in records}))}; torch {prov.get('torch', '?')}; "
         f"hardware {', '.join(sorted({str(r.get('hardware', '?')) for r in records}) or ['?'])}, "
         f"{'/'.join(sorted({str(r.get('threads', '?')) for r in records})) or '?'} torch threads",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}"
+        f"- date: {utc_now()[:10]}"
         + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
         f"- command: `{command}`",
     ]

@@ -247,7 +247,8 @@ class IterativeMethod(Method):
         """The resumable loop (on a resolved method): resume from the checkpoint, iterate with the callbacks
         (TensorBoard, progress, checkpoint policy), return the result with its wall time across segments."""
         torch.manual_seed(task.seed)  # only for code paths that forget a generator; ours pass one explicitly
-        clock = _Clock()
+        began, before = time.perf_counter(), 0.0
+        clock = lambda: before + time.perf_counter() - began  # noqa: E731  wall time across resumed segments
         ckpt = Checkpoint(task.checkpoint_path, self, task)
         saved = ckpt.load()
         if saved is None:
@@ -257,7 +258,7 @@ class IterativeMethod(Method):
         else:
             state, start, segments = saved["state"], saved["next_iteration"], list(
                 saved.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
-            clock.before = float(saved.get("elapsed_s", 0.0))
+            before = float(saved.get("elapsed_s", 0.0))
         segments.append({"commit": code_commit(), "from_iteration": start})
         n = self.num_iterations(task)
         callbacks = [cb for cb in (_tensorboard(self, task, n), _progress(self, task, n, start),
@@ -279,7 +280,7 @@ class IterativeMethod(Method):
             getattr(cb, "close", lambda: None)()
         out = self.result(task, state)
         # wall time of the whole distillation, across resumed segments (what a record and a table footer report)
-        out.metadata["distill_seconds"] = clock.elapsed()
+        out.metadata["distill_seconds"] = clock()
         out.metadata["distill_segments"] = segments
         ckpt.remove()
         return out
@@ -289,16 +290,6 @@ class IterativeMethod(Method):
         x, _ = syn.training_data(task.dataset)
         from .logging import image_grid
         task.writer.add_image("distill/synthetic", image_grid(task.dataset.denormalize(x), nrow=syn.ipc or 10), it)
-
-
-class _Clock:
-    """Wall time of a distillation: `before` (earlier segments) plus this process's."""
-
-    def __init__(self):
-        self.before, self.t0 = 0.0, time.perf_counter()
-
-    def elapsed(self):
-        return self.before + time.perf_counter() - self.t0
 
 
 def _tensorboard(method, task, n):
@@ -339,5 +330,5 @@ def _checkpoint_policy(task, ckpt, n, clock, segments):
             task.checkpoint_minutes and time.perf_counter() - last[0] >= 60 * task.checkpoint_minutes)
         if it + 1 < n and due:
             last[0] = time.perf_counter()
-            ckpt.save(state, it + 1, clock.elapsed(), segments)
+            ckpt.save(state, it + 1, clock(), segments)
     return save

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import allocator
+from .device import synchronize as _sync
 from .errors import BenchmarkError
+from .files import utc_now
 
 
 @dataclass
@@ -41,11 +43,6 @@ class BenchSettings:
     @property
     def n(self):
         return self.repeats or (2 if self.quick else 3)
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(fn, repeats, device="cpu", warmup=1):
@@ -509,7 +506,7 @@ def run_bench(s: BenchSettings, progress=print):
         raise BenchmarkError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     ds = load_data(s)
     res = {"settings": {"quick": s.quick, "dataset": ds.name, "repeats": s.n, "device": s.device},
-           "machine": {**provenance(), "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+           "machine": {**provenance(), "cpu": _cpu_name(), "date": utc_now()},
            "sections": {}}
     for name in (s.sections or [k for k in SECTIONS if k not in OPT_IN_SECTIONS]):
         progress(f"bench: {name} ...")

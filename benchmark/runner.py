@@ -7,16 +7,15 @@ Rerunning a suite skips cells that have a record and resumes interrupted ones fr
 """
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import resource
 import socket
-import sys
 import time
 import traceback
 
 from .errors import BenchmarkError
+from .files import check_writable, read_json, utc_now, write_json_atomic
 from .suites import Cell, Suite
 
 CHECKPOINT_MINUTES = 10  # a cell also checkpoints every 10 minutes of wall time: an abrupt stop loses at most that
@@ -43,18 +42,7 @@ class RunPaths:
 
     def ensure(self):
         for d in (self.records, self.checkpoints, self.sets, self.tensorboard):
-            try:
-                os.makedirs(d, exist_ok=True)
-            except OSError as e:
-                raise BenchmarkError(f"cannot create {d} ({e.strerror}); choose a writable --run-root") from None
-        probe = os.path.join(self.records, f".write-test-{os.getpid()}")
-        try:
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise BenchmarkError(f"results directory {self.records} is not writable ({e.strerror}); choose a "
-                                 f"writable --run-root") from None
+            check_writable(d, "--run-root")
 
     def record(self, cell):
         return os.path.join(self.records, cell.key + ".json")
@@ -75,15 +63,6 @@ class RunPaths:
         return os.path.join(self.checkpoints, cell.key + ".lock")
 
 
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_records(run_root, suite_name):
     paths = RunPaths(run_root, suite_name)
     out = []
@@ -91,116 +70,146 @@ def read_records(run_root, suite_name):
         return out
     for f in sorted(os.listdir(paths.records)):
         if f.endswith(".json") and not f.endswith(".failed.json"):
-            record = _read_json(os.path.join(paths.records, f))
+            record = read_json(os.path.join(paths.records, f))
             if record is not None:  # a foreign or damaged file is not a record; the cell will simply rerun
                 out.append(record)
     return out
 
 
-def run_cell(suite: Suite, cell: Cell, run_root, data_root=None, device="cpu", log=True, threads=None,
-             download=False):
-    """Distil and evaluate one cell; returns the record (also written to disk)."""
+def run_cell(suite: Suite, cell: Cell, run_root, options: RunOptions = None, **option_fields):
+    """Distil and evaluate one cell; returns the record (also written to disk). options: RunOptions, or its fields
+    as keywords."""
     import torch
 
     from . import allocator
     from . import device as devices
     from .registry import load_plugin
 
+    opts = dataclasses.replace(options or RunOptions(), **option_fields)
     allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
     for module in suite.plugins:  # nor through --plugin
         load_plugin(module)
-    if threads:
-        torch.set_num_threads(threads)
-    device = devices.resolve(device)
-    devices.configure(device)
-    if devices.is_cuda(device):
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
-    opts = RunOptions(data_root, download, device, log, threads)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    opts.device = devices.resolve(opts.device)
+    devices.configure(opts.device)
+    if devices.is_cuda(opts.device):
+        torch.cuda.reset_peak_memory_stats(torch.device(opts.device))
     paths = RunPaths(run_root, suite.name)
     paths.ensure()  # a Ray worker on another machine may not have the run root yet
     with cell_lock(paths, cell):
-        finished = _read_json(paths.record(cell))
+        finished = read_json(paths.record(cell))
         if finished is not None:
             return finished  # another run of the suite finished it since this one listed its pending cells
         return _run_cell_locked(suite, cell, paths, opts)
 
 
 def _run_cell_locked(suite, cell, paths, opts):
-    from evaluation import evaluate
+    started = utc_now()
+    ds, method, task = _setup_cell(suite, cell, paths, opts)
+    synset = distill_cell(method, task, paths, cell)
+    evals = evaluate_cell(suite, cell, synset, ds, paths, opts.device)
+    record = make_record(suite, cell, synset, ds, evals, started, opts.device)
+    if task.writer is not None:
+        log_cell(task.writer, suite, cell, synset, ds, record)
+    write_json_atomic(paths.record(cell), record)
+    for done in (paths.failed(cell), paths.eval_progress(cell)):
+        if os.path.exists(done):
+            os.remove(done)
+    return record
 
+
+def _setup_cell(suite, cell, paths, opts):
+    """The cell's dataset, method (config resolved for the task: what runs and what the record holds) and task."""
     from .datasets import get_dataset
     from .logging import make_writer
     from .method import Task
     from .registry import create_method
-    from .synthetic import provenance
-
-    from .device import device_record
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    device, log = opts.device, opts.log
     ds = get_dataset(cell.dataset, opts.data_root or suite.data_root or None, opts.download)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
-    writer = make_writer(paths.tensorboard if log else None, cell.key)
+    writer = make_writer(paths.tensorboard if opts.log else None, cell.key)
     every = max(1, getattr(method.config, "iterations", 10) // 10)
-    task = Task(ds, cell.ipc, cell.seed, device, writer, paths.checkpoint(cell),
-                checkpoint_every=every, checkpoint_minutes=CHECKPOINT_MINUTES,
-                log_images_every=every if writer is not None else 0)
+    task = Task(ds, cell.ipc, cell.seed, opts.device, writer, paths.checkpoint(cell), checkpoint_every=every,
+                checkpoint_minutes=CHECKPOINT_MINUTES, log_images_every=every if writer is not None else 0)
+    return ds, method, task
+
+
+def distill_cell(method, task, paths, cell):
+    """The cell's synthetic set: the one saved by an earlier run that stopped after distilling (if made with this
+    resolved config: a stop during evaluation must not cost the distillation), else distilled now (resuming from
+    the checkpoint) and saved."""
     set_path = paths.synthetic_set(cell)
+    synset = _distilled_before(set_path, method.for_task(task))
+    if synset is not None:
+        return synset
+    if os.path.exists(paths.eval_progress(cell)):
+        os.remove(paths.eval_progress(cell))  # evaluations of another set
+    t0 = time.perf_counter()
+    synset = method.distill(task)
+    # iterative methods report their time across resumed segments; others are timed here
+    synset.metadata.setdefault("distill_seconds", time.perf_counter() - t0)
+    synset.save(set_path)
+    return synset
+
+
+def evaluate_cell(suite, cell, synset, ds, paths, device):
+    """{network: evaluation} under the suite's protocol, each network resuming from the models already trained
+    (saved after every model; networks trained under another protocol are not reused)."""
+    from evaluation import evaluate
     progress_path = paths.eval_progress(cell)
-    synset = _distilled_before(set_path, method)  # a stop during evaluation must not cost the distillation
-    if synset is None:
-        if os.path.exists(progress_path):
-            os.remove(progress_path)  # evaluations of another set
-        t0 = time.perf_counter()
-        synset = method.distill(task)
-        # iterative methods report their time across resumed segments; others are timed here
-        synset.metadata.setdefault("distill_seconds", time.perf_counter() - t0)
-        synset.save(set_path)
-    t_distill = synset.metadata.get("distill_seconds", 0.0)
-    progress = _read_json(progress_path) or {}
+    progress = read_json(progress_path) or {}
     evals = {}
     for net in suite.eval_networks:
-        key = f"{net} | {suite.protocol}"  # networks trained under another protocol are not reused
+        key = f"{net} | {suite.protocol}"
 
         def save_progress(state, key=key):
             progress[key] = state
             write_json_atomic(progress_path, progress)
         evals[net] = evaluate(synset, ds, suite.protocol, net, suite.num_eval, seed=cell.seed, device=device,
                               resume=progress.get(key), on_model=save_progress)
+    return evals
+
+
+def make_record(suite, cell, synset, ds, evals, started, device):
+    """The cell's JSON record: what ran (the resolved config), the accuracies, times and provenance."""
+    from .device import device_record
+    from .synthetic import provenance
     main = evals[suite.eval_networks[0]]
     record = {
         "key": cell.key, "suite": suite.name, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
         "seed": cell.seed, "variant": cell.variant, "preset": suite.preset, "reduced": suite.reduced,
         "config": synset.metadata.get("config"), "accuracy": main, "evaluations": evals,
-        "distill_seconds": t_distill, "distill_segments": synset.metadata.get("distill_segments"),
+        "distill_seconds": synset.metadata.get("distill_seconds", 0.0),
+        "distill_segments": synset.metadata.get("distill_segments"),
         "eval_seconds": sum(e["seconds"] for e in evals.values()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "started": started, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **provenance(device), **device_record(device),
+        "started": started, "date": utc_now(), **provenance(device), **device_record(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "data_source": getattr(ds, "source", None),
     }
     if ds.corruption:
         record.update(corruption_stats(ds, synset))
-    if writer is not None:
-        writer.add_scalar("eval/accuracy_mean", main["mean"], 0)
-        writer.add_scalar("eval/accuracy_std", main["std"], 0)
-        writer.add_scalar("time/distill_s", t_distill, 0)
-        from .logging import image_grid
-        x, _ = synset.training_data(ds)
-        if len(x) <= 1000:
-            writer.add_image("synthetic/final", image_grid(ds.denormalize(x), nrow=min(cell.ipc, 50)), 0)
-        from torch.utils.tensorboard.summary import hparams
-        hp = {"method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc, "seed": cell.seed,
-              "variant": cell.variant or "-", "preset": suite.preset}
-        for s in hparams(hp, {"hparam/accuracy": main["mean"]}):
-            writer.file_writer.add_summary(s)
-        writer.add_scalar("hparam/accuracy", main["mean"], 0)
-        writer.close()
-    write_json_atomic(paths.record(cell), record)
-    for done in (paths.failed(cell), progress_path):
-        if os.path.exists(done):
-            os.remove(done)
     return record
+
+
+def log_cell(writer, suite, cell, synset, ds, record):
+    """The cell's TensorBoard summary: accuracy, time, the final images, and its hyperparameters."""
+    from torch.utils.tensorboard.summary import hparams
+
+    from .logging import image_grid
+    main = record["accuracy"]
+    writer.add_scalar("eval/accuracy_mean", main["mean"], 0)
+    writer.add_scalar("eval/accuracy_std", main["std"], 0)
+    writer.add_scalar("time/distill_s", record["distill_seconds"], 0)
+    x, _ = synset.training_data(ds)
+    if len(x) <= 1000:
+        writer.add_image("synthetic/final", image_grid(ds.denormalize(x), nrow=min(cell.ipc, 50)), 0)
+    hp = {"method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc, "seed": cell.seed,
+          "variant": cell.variant or "-", "preset": suite.preset}
+    for s in hparams(hp, {"hparam/accuracy": main["mean"]}):
+        writer.file_writer.add_summary(s)
+    writer.add_scalar("hparam/accuracy", main["mean"], 0)
+    writer.close()
 
 
 @contextlib.contextmanager
@@ -210,7 +219,7 @@ def cell_lock(paths, cell):
     host) is taken over; otherwise the cell fails with a message naming the holder, and the other cells go on."""
     path = paths.lock(cell)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "process": _process_identity(os.getpid()),
-          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+          "started": utc_now()}
     tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
     with open(tmp, "w") as f:
         json.dump(me, f)
@@ -220,7 +229,7 @@ def cell_lock(paths, cell):
                 os.link(tmp, path)  # atomic: fails if the lock exists, and the lock is never seen half-written
                 break
             except FileExistsError:
-                holder = _read_json(path) or {}
+                holder = read_json(path) or {}
                 if holder.get("host") == me["host"] and not _alive(holder.get("pid"), holder.get("process")):
                     try:
                         os.remove(path)  # stale: its process is gone (killed, machine restarted)
@@ -238,7 +247,7 @@ def cell_lock(paths, cell):
     try:
         yield
     finally:
-        if (_read_json(path) or {}).get("pid") == me["pid"]:
+        if (read_json(path) or {}).get("pid") == me["pid"]:
             os.remove(path)
 
 
@@ -279,8 +288,8 @@ def suite_status(suite, run_root):
     rows = []
     for cell in suite.cells():
         ck_path = paths.checkpoint(cell)
-        record, failed = _read_json(paths.record(cell)), _read_json(paths.failed(cell))
-        holder = _read_json(paths.lock(cell))
+        record, failed = read_json(paths.record(cell)), read_json(paths.failed(cell))
+        holder = read_json(paths.lock(cell))
         running = holder is not None and (holder.get("host") != socket.gethostname()
                                           or _alive(holder.get("pid"), holder.get("process")))
         progress = []
@@ -301,7 +310,7 @@ def suite_status(suite, run_root):
                 progress.append(line)
             except (BenchmarkError, KeyError, TypeError) as e:
                 progress.append(f"checkpoint unreadable ({e})")
-        evals = _read_json(paths.eval_progress(cell)) or {}
+        evals = read_json(paths.eval_progress(cell)) or {}
         distilled = os.path.exists(paths.synthetic_set(cell)) and not os.path.exists(ck_path)
         if record is None and (evals or distilled):
             trained = sum(len(e.get("accuracies", [])) for e in evals.values())
@@ -325,16 +334,8 @@ def suite_status(suite, run_root):
     return rows
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _distilled_before(path, method):
-    """The cell's set from an earlier run that stopped after distilling, if its config is the current one."""
+    """The set saved at `path` if it was made with exactly `method.config` (resolved); None if absent or damaged."""
     from .synthetic import SyntheticSet
     if not os.path.exists(path):
         return None
@@ -366,14 +367,14 @@ def corruption_stats(ds, synset):
 def _safe_run_cell(suite, cell, run_root, opts: RunOptions):
     """Run one cell; never raises: returns ('ok', record) or ('failed', message)."""
     try:
-        return "ok", run_cell(suite, cell, run_root, **dataclasses.asdict(opts))
+        return "ok", run_cell(suite, cell, run_root, opts)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
         msg = f"{type(e).__name__}: {e}"
         detail = traceback.format_exc()
         try:
             write_json_atomic(RunPaths(run_root, suite.name).failed(cell),
                               {"key": cell.key, "error": msg, "traceback": detail,
-                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                               "date": utc_now()})
         except OSError:
             pass
         return "failed", msg
@@ -384,35 +385,34 @@ def pending_cells(suite, run_root):
     return [c for c in suite.cells() if not os.path.exists(paths.record(c))]
 
 
-def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, address=None, data_root=None,
-              device="cpu", log=True, progress=True, echo=print, download=False, gpus_per_cell=None):
+def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, executor="inline", workers=None,
+              address=None, progress=True, echo=print, gpus_per_cell=None, **option_fields):
     """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)).
-    download: torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
+    options: how cells run (RunOptions; or its fields as keywords: data_root, download, device, log). With
+    download, torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
     gpus_per_cell: the Ray executor's GPU request per cell (default 1 on CUDA, 0 otherwise; a test sets it to
     exercise GPU scheduling on a CPU machine with fake GPU resources)."""
     from . import device as devices
+    from .logging import progress_bar
     from .registry import LOADED_PLUGINS
+    opts = dataclasses.replace(options or RunOptions(), **option_fields)
     if executor not in ("inline", "process", "ray"):
         raise BenchmarkError(f"unknown executor {executor!r} (inline, process, ray)")
     if not (executor == "ray" and address):  # a remote cluster's head may have no GPU: its workers are checked
-        device = devices.resolve(device)
+        opts.device = devices.resolve(opts.device)
     suite = dataclasses.replace(suite, plugins=list(dict.fromkeys([*suite.plugins, *LOADED_PLUGINS])))
     paths = RunPaths(run_root, suite.name)
     paths.ensure()
     cells = pending_cells(suite, run_root)
-    opts = RunOptions(data_root, download, device, log)
-    if download and cells:  # fetch once, not once per worker at the same time
+    if opts.download and cells:  # fetch once, not once per worker at the same time
         from .datasets import get_dataset
         for name in dict.fromkeys(c.dataset for c in cells):
-            get_dataset(name, data_root or suite.data_root or None, download=True)
+            get_dataset(name, opts.data_root or suite.data_root or None, download=True)
     total = len(suite.cells())
     echo(f"suite {suite.name}: {total} cells, {total - len(cells)} already done, {len(cells)} to run "
-         f"({executor} executor, device {device})")
+         f"({executor} executor, device {opts.device})")
     failures, done = [], 0
-    bar = None
-    if progress and cells:
-        from tqdm import tqdm
-        bar = tqdm(total=len(cells), desc=f"suite {suite.name}", file=sys.stderr)
+    bar = progress_bar(len(cells), f"suite {suite.name}", leave=True) if progress and cells else None
 
     def report(cell, status, payload):
         nonlocal done
@@ -431,7 +431,7 @@ def run_suite(suite: Suite, run_root="runs", executor="inline", workers=None, ad
         for cell in cells:
             report(cell, *_safe_run_cell(suite, cell, run_root, opts))
     elif executor == "process":
-        slots = gpu_slots(device, workers)
+        slots = gpu_slots(opts.device, workers)
         n = len(slots) if slots else (workers or max(1, (os.cpu_count() or 2) // 2))
         opts.threads = max(1, (os.cpu_count() or 2) // n)
         if slots:

@@ -42,6 +42,8 @@ def run_on_device(method_name, dataset, device="meta", ipc=2, network="ConvNetD2
     reads = meta_host_reads() if str(device) == "meta" else contextlib.nullcontext()
     with reads:
         synset = method.distill(Task(dataset, ipc, 0, device))
-        protocol = dataclasses.replace(resolve_protocol("auto-quick", synset), epochs=1)
+        # a device check, not a protocol check: a method that declares no protocol is trained the DC way
+        declared = synset.metadata.get("evaluation")
+        protocol = dataclasses.replace(resolve_protocol("auto-quick" if declared else "dc-quick", synset), epochs=1)
         evaluate(synset, dataset, protocol, network, num_eval=1, device=device)
     return synset

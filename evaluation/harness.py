@@ -155,9 +155,3 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
             "staged": len(stages) > 1, "train_images": int(len(stages[-1][1])),
             "seconds": before + time.perf_counter() - t0}
 
-
-def evaluate_full(dataset, protocol="full", network="ConvNet", num_eval=5, seed=0, device="cpu"):
-    """The Full-Dataset upper bound: networks trained on the whole training set."""
-    from benchmark.synthetic import SyntheticSet
-    full = SyntheticSet(dataset.x_train, dataset.y_train, "normalized", {}, {"method": "full", "evaluation": "full"})
-    return evaluate(full, dataset, protocol, network, num_eval, seed, device)

@@ -12,6 +12,7 @@ Ablation reference set: IPC random real images per class (the starting point of 
 """
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -65,7 +66,7 @@ def reference_set(task):
 @dataclass
 class SelectConfig:
     base: str = "dc"              # whose matching statistic defines influence
-    base_preset: str = ""
+    base_preset: Optional[str] = None  # None: the base's reference settings (a suite's preset is passed on)
     num_nets: int = 2
     chunk: int = 512
     base_set: tuple = ()          # key=value overrides of the base method (e.g. --set base_set=iterations=50)
@@ -80,7 +81,7 @@ class _UsesBase(Method):
         return apply_overrides(cfg, overrides)
 
     def base_method(self):
-        return create_method(self.config.base, self.config.base_preset or None, list(self.config.base_set))
+        return create_method(self.config.base, self.config.base_preset, list(self.config.base_set))
 
     def whole_set_scores(self, task):
         return score_training_set(self.base_method(), task, reference_set(task), self.config.num_nets,

@@ -59,10 +59,8 @@ class GaussNewtonVP:
         self.z = outputs.detach().requires_grad_(True)
         (self.dz,) = torch.autograd.grad(loss_of_outputs(self.z), self.z, create_graph=True)
         self.damping = damping
-        self.calls = 0
 
     def __call__(self, v):
-        self.calls += 1
         (jv,) = torch.autograd.grad(self.jtu, self.u, grad_outputs=[v[i] for i in self.used], retain_graph=True)
         (hjv,) = torch.autograd.grad(self.dz, self.z, grad_outputs=jv, retain_graph=True)
         gv = torch.autograd.grad(self.outputs, self.params, grad_outputs=hjv, retain_graph=True, allow_unused=True)
@@ -76,10 +74,8 @@ class HVP:
         self.params = list(params)
         self.grads = torch.autograd.grad(loss, self.params, create_graph=True)
         self.damping = damping
-        self.calls = 0
 
     def __call__(self, v):
-        self.calls += 1
         hv = torch.autograd.grad(self.grads, self.params, grad_outputs=v, retain_graph=True, allow_unused=True)
         return [(torch.zeros_like(vi) if h is None else h.detach()) + self.damping * vi for h, vi in zip(hv, v)]
 

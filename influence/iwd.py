@@ -128,7 +128,6 @@ def influence_weighted(cls=None, *, name=None):
     class IWDMethod(cls):
         Config = iwd_config(cls.Config)
         presets = dict(cls.presets)
-        base_method = cls
 
         def resolve(self, task):
             cfg = super().resolve(task)

@@ -1,6 +1,7 @@
 """Selection baselines and the upper bound: Random, Herding, Full Dataset."""
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,7 +39,7 @@ class HerdingConfig:
     feature_epochs: int = 30      # training of the feature network on the real training set
     lr: float = 0.01
     batch: int = 256
-    cache_dir: str = ""           # "": ~/.cache/iwd-bench (set IWD_CACHE to move it)
+    cache_dir: Optional[str] = None  # None: $IWD_CACHE, else ~/.cache/iwd-bench
 
 
 _FEATURE_NETS = {}

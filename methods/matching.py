@@ -145,7 +145,8 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
         return DSA(strategy=self.config.dsa_strategy) if self.config.dsa else None
 
     def resolve_dsa(self, cfg, task):
-        if cfg.dsa_strategy is None:
+        """dsa_strategy None -> the dataset's (recorded only when DSA is on: otherwise none ran)."""
+        if cfg.dsa and cfg.dsa_strategy is None:
             cfg.dsa_strategy = strategy_for(task.dataset)
         return cfg
 

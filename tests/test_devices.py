@@ -254,8 +254,8 @@ def test_plan_counts_the_same_flops_on_meta_as_on_real_data(digits):
     for name, over in (("dc", ["iterations=1", "inner_loop=2", "outer_loop=2", "net_width=8"]),
                        ("iwd+idc", ["iterations=1", "inner_loop=2", "net_width=8", "n_data=64"])):
         meta_flops = _distill_cost(create_method(name, "quick", over), Task(shape_dataset("digits"), 2, 0, "meta"))[0]
-        method = create_method(name, "quick", over)
         task = Task(digits, 2, 0, "cpu")
+        method = create_method(name, "quick", over).for_task(task)  # the loop's parts run on a resolved config
         gen = torch.Generator().manual_seed(0)
         state = method.init_state(task, gen)
         with FlopCounterMode(display=False) as real:

@@ -1,0 +1,113 @@
+"""The house's shape: explicit state, declared traits, resolved configs, one-way imports."""
+import ast
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from benchmark.errors import BenchmarkError
+from benchmark.registry import create_method, get_method, register_method
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DC = ["iterations=2", "net_width=8", "batch_real=8", "inner_loop=2"]
+
+
+def test_subclassing_a_generated_iwd_config_validates_without_recursion():
+    """What a user extending iwd+dc writes: a subclass of the generated config with its own validate."""
+    base = get_method("iwd+dc").Config
+
+    @dataclasses.dataclass
+    class MyConfig(base):
+        my_key: int = 1
+
+        def validate(self):
+            super().validate()
+            if self.my_key < 0:
+                raise BenchmarkError("my_key must be >= 0")
+
+    MyConfig().validate()
+    with pytest.raises(BenchmarkError, match="tau must be > 0"):
+        MyConfig(tau=0).validate()
+    with pytest.raises(BenchmarkError, match="init must be"):
+        MyConfig(init="zeros").validate()
+    with pytest.raises(BenchmarkError, match="my_key"):
+        MyConfig(my_key=-1).validate()
+
+
+def test_iwd_keeps_no_state_on_the_method_object(digits, task_of):
+    """Everything a step's weighting needs comes in with the step and its context: distilling (checks, solver
+    memory, tracked scores, statistics) leaves the method object's attributes exactly as they were."""
+    m = create_method("iwd+idc", None, ["iterations=2", "inner_loop=2", "net_width=8", "batch_real=8", "n_data=16",
+                                        "factor=1", "solver_max_iter=3"])
+    before = dict(vars(m))
+    syn = m.distill(task_of(digits, 1, 0))
+    assert vars(m) == before and int((syn.extras["influence"]["count"] > 0).sum()) > 0
+
+
+def test_a_method_without_an_evaluation_trait_gets_a_clear_answer(digits, task_of):
+    from benchmark.method import Method
+    from benchmark.synthetic import SyntheticSet
+    from evaluation import evaluate
+
+    @register_method("test-undeclared-protocol")
+    class Undeclared(Method):
+        """A user's plugin that declares no evaluation protocol."""
+
+        def distill(self, task):
+            return SyntheticSet(task.dataset.x_train[:10].clone(), torch.arange(10), metadata=self.metadata(task))
+
+    syn = create_method("test-undeclared-protocol").distill(task_of(digits, 1, 0))
+    with pytest.raises(BenchmarkError, match="'test-undeclared-protocol' declares none.*evaluation = 'dc'"):
+        evaluate(syn, digits, "auto-quick", "ConvNetD2", num_eval=1)
+    assert evaluate(syn, digits, "dc-quick", "ConvNetD2", num_eval=1)["protocol"]["name"] == "dc-quick"
+
+
+def test_the_set_records_the_resolved_config_that_ran(digits, task_of):
+    """By-dataset / by-IPC defaults (None) are resolved once; the set (and so the record) holds what ran, and the
+    method's own config is left as the user set it."""
+    m = create_method("dc", "quick", ["iterations=1"])
+    cfg = m.distill(task_of(digits, 10, 0)).metadata["config"]
+    assert (cfg["outer_loop"], cfg["inner_loop"], cfg["dsa_strategy"]) == (5, 10, None)  # table 10 capped at 5
+    assert m.config.outer_loop is None
+    idc = create_method("idc", "quick", ["iterations=1", "inner_loop=1"])
+    cfg = idc.distill(task_of(digits, 1, 0)).metadata["config"]
+    assert (cfg["factor"], cfg["metric"], cfg["lr_img_base"], cfg["n_data"]) == (1, "l1", 1e-4, 256)
+    assert cfg["dsa_strategy"] == "color_crop_cutout_scale_rotate"  # digits declare flips label-changing
+    iwd = create_method("iwd+idc", None).resolve(task_of(digits, 1, 0))
+    assert iwd.implicit == "on" and create_method("iwd+dc").resolve(task_of(digits, 1, 0)).implicit == "off"
+
+
+def test_traits_replace_name_lists():
+    from benchmark.datasets import dataset_spec
+    assert not get_method("random").ranked and not get_method("full").uses_ipc and get_method("dc").ranked
+    assert get_method("pdd").evaluation == "idc" and get_method("dm").evaluation == "dsa"
+    assert [dataset_spec(n).flip for n in ("digits", "mnist", "svhn", "fashion-mnist", "cifar10")] == \
+        [False, False, False, True, True]
+
+
+def _imports(folder):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+        for f in files:
+            if f.endswith(".py"):
+                tree = ast.parse(open(os.path.join(dirpath, f)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        yield from ((f, a.name) for a in node.names)
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        yield f, node.module
+
+
+def test_the_core_and_influence_import_no_method():
+    """Imports flow one way: methods/ plugs into benchmark/ and influence/, never the reverse (the built-ins are
+    loaded through the entry point, like any plugin)."""
+    for folder in ("benchmark", "influence", "evaluation"):
+        bad = [(f, m) for f, m in _imports(folder) if m == "methods" or m.startswith("methods.")]
+        assert not bad, (folder, bad)
+
+
+def test_progress_in_a_log_is_a_few_lines_not_one_per_update(digits, task_of, capsys):
+    """stderr that is not a terminal (a log file) gets periodic one-line progress, not a bar redrawn per step."""
+    create_method("dc", None, TINY_DC + ["iterations=6"]).distill(task_of(digits, 1, 0, progress=True))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dc digits ipc1: 6/6 (100%)"), lines
