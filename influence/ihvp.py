@@ -181,7 +181,8 @@ class SolverConfig:
     damping_growth: float = 10.0  # CG on non-positive curvature: damping x this, restart (Levenberg-Marquardt style)
     max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
     hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
-    curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs)
+    curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs) |
+                                  # kfac | ekfac (Kronecker-factored GN, inverted directly; influence.kfac)
     notes: list = field(default_factory=list)
 
 
@@ -206,7 +207,7 @@ def cg_adaptive(hvp, v, cfg: SolverConfig, x0=None):
         hvp.damping *= cfg.damping_growth
 
 
-CURVATURES = ("hessian", "gauss-newton")
+CURVATURES = ("hessian", "gauss-newton", "kfac", "ekfac")  # kfac/ekfac: influence.kfac, a direct inverse
 
 
 def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None, x0=None):

@@ -17,7 +17,8 @@ import torch
 
 from benchmark.device import to_device
 
-from .ihvp import SolverConfig, inverse_hvp
+from .ihvp import InfluenceError, SolverConfig, inverse_hvp
+from .kfac import kfac_inverse
 
 
 def explicit_scores(step, g, weights):
@@ -64,10 +65,18 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long()
         rows = to_device(rows, y.device)
         xh, yh = x[rows], y[rows]
-    outputs = None
-    if step.instance_outputs is not None and step.output_loss is not None:
-        outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
-    h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs, x0)
+    if solver.curvature in ("kfac", "ekfac"):
+        if not isinstance(step.instance_outputs, torch.nn.Module):
+            raise InfluenceError("curvature kfac/ekfac needs the network itself as step.instance_outputs")
+        h, info = kfac_inverse(step.instance_outputs, xh, step.train_params, g_m, solver.damping,
+                               eigen_correct=solver.curvature == "ekfac")
+    else:
+        outputs = None
+        if step.instance_outputs is not None and step.output_loss is not None:
+            outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
+        h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs,
+                              x0)
+    info.solution = h
     w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
     grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
     dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))

@@ -370,3 +370,88 @@ def test_bad_tau_is_a_clear_error():
         create_method("iwd+dc", None, ["tau=0"])
     with pytest.raises(BenchmarkError, match="unknown solver"):
         create_method("iwd+idc", None, ["solver=magic"])
+
+
+def _dense_gn(net, x, params):
+    """The Gauss-Newton matrix of the mean CE of net over x, materialised column by column (tiny nets only)."""
+    from influence.ihvp import GaussNewtonVP
+    y = torch.zeros(len(x), dtype=torch.long)
+    op = GaussNewtonVP(net(x), lambda z: F.cross_entropy(z, y), params, 0.0)
+    sizes = [p.numel() for p in params]
+    cols = [torch.cat([c.reshape(-1) for c in op([e.view_as(p) for e, p in zip(col.split(sizes), params)])])
+            for col in torch.eye(sum(sizes), dtype=torch.float64)]
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_kfac_is_the_exact_gauss_newton_where_its_factorisation_is(curvature):
+    """One instance through one Linear layer, and one through a Conv2d with a single output location: the layer's
+    GN block IS A (x) G, so K-FAC's (and EK-FAC's) direct inverse equals the dense GN solve."""
+    from influence.kfac import kfac_inverse
+    torch.manual_seed(0)
+    for net, x in ((torch.nn.Linear(5, 4).double(), torch.randn(1, 5, dtype=torch.float64)),
+                   (torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten()).double(),
+                    torch.randn(1, 2, 3, 3, dtype=torch.float64))):
+        params = list(net.parameters())
+        v = [torch.randn_like(p) for p in params]
+        h, _ = kfac_inverse(net, x, params, v, 0.1, eigen_correct=curvature == "ekfac")
+        dense = torch.linalg.solve(_dense_gn(net, x, params) + 0.1 * torch.eye(sum(p.numel() for p in params),
+                                                                                 dtype=torch.float64),
+                                   torch.cat([t.reshape(-1) for t in v]))
+        assert torch.allclose(torch.cat([t.reshape(-1) for t in h]), dense, atol=1e-9), type(net)
+
+
+def test_kfac_factors_and_ekfac_eigenvalues_against_brute_force():
+    """A conv layer over several instances and locations. References built independently: A from patches cut out by
+    hand (not unfold), G from per-instance, per-class output gradients, the layer's GN block dense. K-FAC must equal
+    Q diag(1 / (gamma alpha + lambda)) Q^T v and EK-FAC Q diag(1 / (d + lambda)) Q^T v with Q = Q_A (x) Q_G and
+    d = diag(Q^T block Q); GroupNorm's affine parameters get the dense GN's diagonal."""
+    from influence.kfac import kfac_inverse
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1).double()
+    net = torch.nn.Sequential(conv, torch.nn.GroupNorm(3, 3).double(), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).double()
+    n, lam = 4, 0.01
+    x = torch.randn(n, 2, 4, 4, dtype=torch.float64)
+    params = list(net.parameters())
+    gn = _dense_gn(net, x, params)
+    xp = F.pad(x, (1, 1, 1, 1))
+    rows = torch.stack([torch.cat([xp[i, :, r:r + 3, c:c + 3].reshape(-1), torch.ones(1, dtype=torch.float64)])
+                        for i in range(n) for r in range(4) for c in range(4)])
+    alpha, qa = torch.linalg.eigh(rows.T @ rows / len(rows))
+    G = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(n):
+        s = conv(x[i:i + 1])
+        z = net[1:](s)
+        p = torch.softmax(z, 1)[0].detach()
+        for k in range(3):
+            r = p[k].sqrt() * (torch.eye(3, dtype=torch.float64)[k] - p)
+            (g,) = torch.autograd.grad(z[0] @ r, s, retain_graph=True)
+            g = g[0].reshape(3, -1)  # (out, locations)
+            G += g @ g.T / n
+    gamma, qg = torch.linalg.eigh(G)
+    n_w = conv.weight.numel() + conv.bias.numel()
+    # the flat parameter vector is [weight (out, 18) row-major, bias]; kron(A, G) acts on vec([W b]) column-major
+    perm = torch.tensor([o * 18 + j if j < 18 else 54 + o for j in range(19) for o in range(3)])
+    block = gn[:n_w, :n_w][perm][:, perm]
+    Q = torch.kron(qa, qg)
+    v = [torch.randn_like(p) for p in params]
+    vcol = torch.cat([v[0].reshape(3, -1), v[1].reshape(3, 1)], 1).T.reshape(-1)
+    for eigen_correct, scale in ((False, torch.kron(alpha, gamma)), (True, torch.diagonal(Q.T @ block @ Q))):
+        h, _ = kfac_inverse(net, x, params, v, lam, eigen_correct=eigen_correct)
+        hcol = torch.cat([h[0].reshape(3, -1), h[1].reshape(3, 1)], 1).T.reshape(-1)
+        assert torch.allclose(hcol, Q @ ((Q.T @ vcol) / (scale.clamp_min(0) + lam)), atol=1e-8), eigen_correct
+        got = torch.cat([h[2].reshape(-1), h[3].reshape(-1)])
+        want = torch.cat([v[2].reshape(-1), v[3].reshape(-1)]) / (torch.diagonal(gn)[n_w:] + lam)
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_kfac_refuses_layers_it_does_not_cover():
+    from influence.ihvp import InfluenceError
+    from influence.kfac import kfac_inverse
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(3))
+    x = torch.randn(2, 1, 4, 4)
+    net(x)
+    with pytest.raises(InfluenceError, match="curvature=gauss-newton"):
+        kfac_inverse(net, x, list(net.parameters()), [torch.zeros_like(p) for p in net.parameters()], 0.1)
