@@ -74,8 +74,8 @@ def check_iwd_options(cfg):
         raise BenchmarkError(f"tau must be > 0 (got {cfg.tau}); tau -> infinity gives the base method")
     if cfg.implicit not in ("auto", "on", "off"):
         raise BenchmarkError(f"implicit must be auto, on or off (got {cfg.implicit!r})")
-    if cfg.solver not in ("cg", "lissa", "exact", "identity"):
-        raise BenchmarkError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity)")
+    if cfg.solver not in ("cg", "lissa", "exact", "identity", "woodbury"):
+        raise BenchmarkError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity, woodbury)")
     if cfg.curvature not in CURVATURES:
         raise BenchmarkError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
 

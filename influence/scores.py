@@ -18,7 +18,7 @@ import torch
 from benchmark.device import to_device
 
 from .ihvp import InfluenceError, SolverConfig, inverse_hvp
-from .kfac import kfac_inverse
+from .kfac import kfac_inverse, woodbury_inverse
 
 
 def explicit_scores(step, g, weights):
@@ -65,11 +65,15 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long()
         rows = to_device(rows, y.device)
         xh, yh = x[rows], y[rows]
-    if solver.curvature in ("kfac", "ekfac"):
-        if not isinstance(step.instance_outputs, torch.nn.Module):
-            raise InfluenceError("curvature kfac/ekfac needs the network itself as step.instance_outputs")
-        h, info = kfac_inverse(step.instance_outputs, xh, step.train_params, g_m, solver.damping,
-                               eigen_correct=solver.curvature == "ekfac")
+    if solver.curvature in ("kfac", "ekfac") or solver.solver == "woodbury":  # direct inverses of the network's GN
+        net = step.instance_outputs
+        if not isinstance(net, torch.nn.Module):
+            raise InfluenceError("curvature kfac/ekfac and solver woodbury need the network as step.instance_outputs")
+        if solver.solver == "woodbury":
+            h, info = woodbury_inverse(net, xh, step.train_params, g_m, solver.damping)
+        else:
+            h, info = kfac_inverse(net, xh, step.train_params, g_m, solver.damping,
+                                   eigen_correct=solver.curvature == "ekfac")
     else:
         outputs = None
         if step.instance_outputs is not None and step.output_loss is not None:
