@@ -173,9 +173,11 @@ def section_iterations(s, ds):
                    "iwd_ratio": r1["s_per_iteration"] / r0["s_per_iteration"],
                    "influence_share": r1["influence_s"] / r1["s_per_iteration"],
                    "note": f"inner_loop={over['inner_loop']} (cap)" if "inner_loop" in over else ""}
-            if base in IMPLICIT_BASES:  # the implicit term with the exact Hessian instead of Gauss-Newton
+            if base in IMPLICIT_BASES:  # the implicit term with the exact Hessian, and GN solved directly (Woodbury)
                 r2 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "curvature": "hessian"})
                 row["iwd_hessian_ratio"] = r2["s_per_iteration"] / r0["s_per_iteration"]
+                r3 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "solver": "woodbury"})
+                row["iwd_woodbury_ratio"] = r3["s_per_iteration"] / r0["s_per_iteration"]
             rows.append(row)
     return rows
 
@@ -251,9 +253,11 @@ def section_ihvp(s, ds):
 
 
 def section_curvature(s, ds):
-    """Not a timing: how much the implicit scores of one IDC step depend on the curvature. Spearman correlations of
-    the per-instance implicit scores against the converged Gauss-Newton solution (CG to 1e-6) and against the
-    identity solver (TracIn-like), on a fresh network and after 200 SGD steps on real data."""
+    """How much the implicit scores of one IDC step depend on the curvature and solver, and what each costs.
+    Spearman correlations of the per-instance implicit scores against the converged Gauss-Newton solution (CG to
+    1e-6) and against the identity solver (TracIn-like), on a fresh network and after 200 SGD steps on real data,
+    with the seconds of one implicit_scores call (median of s.n; g_M, the solve and the per-instance dot products:
+    the identity row is everything but the solve)."""
     from scipy.stats import spearmanr
 
     from influence import SolverConfig, implicit_scores
@@ -274,6 +278,10 @@ def section_curvature(s, ds):
                "gauss-newton, CG 20 (default)": SolverConfig("cg", 0.01, 20, 1e-4, hessian_batch=hb,
                                                              curvature="gauss-newton"),
                "hessian, CG 20, adaptive damping": SolverConfig("cg", 0.01, 20, 1e-4, hessian_batch=hb),
+               "gauss-newton, Woodbury (exact, direct)": SolverConfig("woodbury", 0.01, hessian_batch=hb,
+                                                                     curvature="gauss-newton"),
+               "K-FAC (direct)": SolverConfig("cg", 0.01, hessian_batch=hb, curvature="kfac"),
+               "EK-FAC (direct)": SolverConfig("cg", 0.01, hessian_batch=hb, curvature="ekfac"),
                "identity (TracIn-like)": SolverConfig("identity", 0.0)}
     rows = []
     for phase, steps in (("fresh network", 0), ("after 200 SGD steps", 200)):
@@ -286,12 +294,12 @@ def section_curvature(s, ds):
         w0 = uniform_weights(step)
         scores = {}
         for name, cfg in solvers.items():
-            sc, info = implicit_scores(step, w0, cfg)
-            scores[name] = (torch.cat(sc).cpu(), info)
+            t, (sc, info) = timed(lambda: implicit_scores(step, w0, cfg), 1 if "1e-6" in name else s.n, s.device)
+            scores[name] = (torch.cat(sc).cpu(), info, t)
         ref, ident = scores["gauss-newton, CG to 1e-6"][0], scores["identity (TracIn-like)"][0]
-        for name, (sc, info) in scores.items():
+        for name, (sc, info, t) in scores.items():
             rows.append({"network": phase, "solver": name, "damping": info.damping, "iterations": info.iterations,
-                         "residual": info.residual, "spearman_vs_converged_gn": float(spearmanr(sc, ref)[0]),
+                         "residual": info.residual, "s": t, "spearman_vs_converged_gn": float(spearmanr(sc, ref)[0]),
                          "spearman_vs_identity": float(spearmanr(sc, ident)[0])})
     return rows
 
@@ -567,7 +575,8 @@ def report_markdown(res, command):
                                              ("matching steps", "matching_steps"), ("X s/it", "s_per_iteration"),
                                              ("iwd+X s/it", "iwd_s_per_iteration"), ("IWD ratio", "iwd_ratio"),
                                              ("influence share of iwd+X", "influence_share"),
-                                             ("IWD ratio, exact Hessian", "iwd_hessian_ratio"), ("note", "note")]), ""]
+                                             ("IWD ratio, exact Hessian", "iwd_hessian_ratio"),
+                                             ("IWD ratio, Woodbury GN", "iwd_woodbury_ratio"), ("note", "note")]), ""]
     if "explicit" in sec:
         lines += ["## Explicit influence scores of one real batch (DC step)", "",
                   _table(sec["explicit"], [("network", "network"), ("batch", "batch"), ("O(1) passes s", "o1_s"),
@@ -580,10 +589,11 @@ def report_markdown(res, command):
                                        ("rel. residual", "residual"), ("converged", "converged"),
                                        ("damping used", "damping"), ("note", "note")]), ""]
     if "curvature" in sec:
-        lines += ["## Implicit scores vs curvature (one IDC step, IPC 10; Spearman of per-instance scores, not a "
-                  "timing)", "",
+        lines += ["## Implicit scores vs curvature and solver (one IDC step, IPC 10, Hessian batch 128; Spearman of "
+                  "per-instance scores; s: one implicit_scores call, the identity row being all but the solve)", "",
                   _table(sec["curvature"], [("network", "network"), ("solver", "solver"), ("damping used", "damping"),
                                             ("CG iterations", "iterations"), ("rel. residual", "residual"),
+                                            ("s", "s"),
                                             ("vs converged Gauss-Newton", "spearman_vs_converged_gn"),
                                             ("vs identity", "spearman_vs_identity")]), ""]
     if "warm_start" in sec:
