@@ -35,10 +35,16 @@ from .scores import step_scores
 class IWDOptions:
     tau: float = 1.0              # softmax temperature (the paper sweeps 0.01 .. 100)
     standardize: bool = True      # z-score scores within a group before the softmax
+    weighting: str = "paper"      # how scores become weights (WEIGHTINGS); every rule gives the base method's
+                                  # uniform weights as tau -> infinity (trim: with both fractions 0)
+    trim_top: float = 0.1         # weighting=trim: the fraction of each group's highest-scored instances dropped
+    trim_bottom: float = 0.0      # ... and of its lowest-scored ones; uniform weights on the rest
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
-    solver: str = "cg"            # inverse-HVP solver: cg | lissa | exact | identity
+    solver: str = "cg"            # inverse-HVP solver: cg | lissa | exact | identity | woodbury (the exact GN,
+                                  # directly: influence.kfac)
     curvature: str = "gauss-newton"  # implicit term's curvature: gauss-newton (PSD; default) | hessian (the exact H:
                                      # indefinite mid-training, CG then raises damping until it is nearly identity)
+                                     # | kfac | ekfac (Kronecker-factored GN, direct; measured far less faithful)
     damping: float = 0.01
     solver_max_iter: int = 20
     solver_tol: float = 1e-4
@@ -51,16 +57,34 @@ class IWDOptions:
                                   # than cold CG at equal iterations), so off
 
 
-def influence_weights(scores, tau, standardize=True):
-    """softmax(score / tau) within one group; sums to 1 like the base method's uniform weights."""
+# score z (z-scored within the group when standardize) -> unnormalised log-weight; each sums to 1 after softmax
+WEIGHTINGS = {
+    "paper": lambda z, tau: z / tau,                     # softmax(z / tau): toward the high-influence tail
+    "inverse": lambda z, tau: -z / tau,                  # softmax(-z / tau): toward what the set already explains
+    "two-tail": lambda z, tau: -z ** 2 / (2 * tau ** 2),  # exp(-z^2 / 2 tau^2): away from both tails
+}
+
+
+def influence_weights(scores, tau, standardize=True, weighting="paper", trim_top=0.0, trim_bottom=0.0):
+    """Weights of one group's instances from their scores (sum 1, like the base method's uniform weights).
+    trim: uniform on the instances left after dropping the top trim_top and bottom trim_bottom fractions."""
     if tau <= 0:
         raise BenchmarkError(f"tau must be > 0 (got {tau}); tau -> infinity gives the base method's uniform weights")
+    n = len(scores)
+    if weighting == "trim":
+        order = scores.argsort()
+        lo, hi = int(math.floor(trim_bottom * n)), n - int(math.floor(trim_top * n))
+        if lo == 0 and hi == n:
+            return torch.full_like(scores, 1.0 / n)  # bit for bit the base method's uniform weights
+        keep = torch.zeros(n, dtype=scores.dtype, device=scores.device)
+        keep[order[lo:max(hi, lo + 1)]] = 1.0  # never drop the whole group
+        return keep / keep.sum()
     if math.isinf(tau):
-        return torch.full_like(scores, 1.0 / len(scores))
+        return torch.full_like(scores, 1.0 / n)
     s = scores
-    if standardize and len(s) > 1:
+    if standardize and n > 1:
         s = (s - s.mean()) / (s.std() + 1e-12)
-    return torch.softmax(s / tau, dim=0)
+    return torch.softmax(WEIGHTINGS[weighting](s, tau), dim=0)
 
 
 def effective_sample_size(weights):
@@ -70,14 +94,28 @@ def effective_sample_size(weights):
 
 
 def check_iwd_options(cfg):
-    if cfg.tau <= 0:
-        raise BenchmarkError(f"tau must be > 0 (got {cfg.tau}); tau -> infinity gives the base method")
-    if cfg.implicit not in ("auto", "on", "off"):
-        raise BenchmarkError(f"implicit must be auto, on or off (got {cfg.implicit!r})")
-    if cfg.solver not in ("cg", "lissa", "exact", "identity", "woodbury"):
-        raise BenchmarkError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity, woodbury)")
-    if cfg.curvature not in CURVATURES:
-        raise BenchmarkError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
+    """One line per bad IWD option, before anything runs (a zero damping would make CG on the exact Hessian raise
+    it forever; a zero tolerance never stops)."""
+    checks = [
+        (cfg.tau > 0, f"tau must be > 0 (got {cfg.tau}); tau -> infinity gives the base method"),
+        (cfg.weighting in (*WEIGHTINGS, "trim"), f"unknown weighting {cfg.weighting!r} "
+                                                 f"({', '.join([*WEIGHTINGS, 'trim'])})"),
+        (0 <= cfg.trim_top < 1 and 0 <= cfg.trim_bottom < 1 and cfg.trim_top + cfg.trim_bottom < 1,
+         f"trim_top and trim_bottom must be in [0, 1) with a sum below 1 (got {cfg.trim_top}, {cfg.trim_bottom})"),
+        (cfg.implicit in ("auto", "on", "off"), f"implicit must be auto, on or off (got {cfg.implicit!r})"),
+        (cfg.solver in ("cg", "lissa", "exact", "identity", "woodbury"),
+         f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity, woodbury)"),
+        (cfg.curvature in CURVATURES, f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})"),
+        (cfg.damping > 0, f"damping must be > 0 (got {cfg.damping}): it keeps H + damping I invertible"),
+        (cfg.solver_max_iter >= 1, f"solver_max_iter must be >= 1 (got {cfg.solver_max_iter})"),
+        (cfg.solver_tol > 0, f"solver_tol must be > 0 (got {cfg.solver_tol})"),
+        (cfg.lissa_scale > 0, f"lissa_scale must be > 0 (got {cfg.lissa_scale})"),
+        (cfg.hessian_batch >= 0, f"hessian_batch must be >= 0 (got {cfg.hessian_batch}; 0: the whole batch)"),
+        (0 <= cfg.track_beta < 1, f"track_beta must be in [0, 1) (got {cfg.track_beta})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BenchmarkError(message)
 
 
 def iwd_config(base_config):
@@ -155,7 +193,8 @@ def influence_weighted(cls=None, *, name=None):
             ctx.checks.append((finite, (step.iteration, step.local_step, info.get("solver_note") or "")))
             if step.context is None:
                 _raise_if_nonfinite(self.name, ctx.checks)
-            weights = [influence_weights(s, c.tau, c.standardize) for s in scores]
+            weights = [influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top, c.trim_bottom)
+                       for s in scores]
             if "influence_ema" in ctx.state:
                 track_scores(ctx.state, step, scores, c.track_beta)
             stats = ctx.stats

@@ -1,5 +1,6 @@
 """Influence math against independent references: finite differences, dense Hessians, actual retraining."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -472,3 +473,52 @@ def test_woodbury_is_the_dense_gauss_newton_solve():
                                                                               dtype=torch.float64),
                                torch.cat([t.reshape(-1) for t in v]))
     assert torch.allclose(torch.cat([t.reshape(-1) for t in h]), dense, atol=1e-9)
+
+
+TINY_BASES = {"dc": ["outer_loop=2", "inner_loop=2"], "dsa": ["outer_loop=2", "inner_loop=2"], "dm": [],
+              "idc": ["inner_loop=2", "n_data=16", "factor=1"],
+              "pdd": ["inner_loop=2", "n_data=16", "factor=1", "stages=2", "condition_epochs=1"],
+              "pdd-dc": ["outer_loop=2", "inner_loop=2", "stages=2", "condition_epochs=1"]}
+
+
+@pytest.mark.parametrize("base", sorted(TINY_BASES))
+def test_every_weighting_reproduces_every_base_at_its_limit(digits, task_of, base):
+    """All six IWD variants, each weighting rule at its limit (tau = inf; trim with both fractions 0), give the base
+    method's set bit for bit."""
+    over = ["iterations=1", "net_width=8", "batch_real=8"] + TINY_BASES[base]
+    base_set = create_method(base, None, over).distill(task_of(digits, 2, 1))
+    over += ["solver_max_iter=3"]  # the implicit term's solves still run (and must not change anything)
+    for rule in ("weighting=paper", "weighting=inverse", "weighting=two-tail"):
+        iwd = create_method("iwd+" + base, None, over + ["tau=inf", rule])
+        assert torch.equal(iwd.distill(task_of(digits, 2, 1)).images, base_set.images), (base, rule)
+    trim = create_method("iwd+" + base, None, over + ["weighting=trim", "trim_top=0"])
+    assert torch.equal(trim.distill(task_of(digits, 2, 1)).images, base_set.images), (base, "trim")
+
+
+def test_weighting_rules_move_weight_where_they_say():
+    """A group with one outlier high score and one outlier low score: paper favours the high one, inverse the low
+    one, two-tail down-weights both against the middle, trim drops the chosen tails; all sum to 1."""
+    s = torch.tensor([-3.0, 0.0, 0.1, -0.1, 3.0], dtype=torch.float64)
+    paper, inverse, two = (influence_weights(s, 1.0, True, rule) for rule in ("paper", "inverse", "two-tail"))
+    assert paper.argmax() == 4 and inverse.argmax() == 0
+    assert two[0] < two[1] and two[4] < two[1]
+    trim = influence_weights(s, 1.0, True, "trim", trim_top=0.2, trim_bottom=0.2)
+    assert torch.equal(trim, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3, 0], dtype=torch.float64))
+    for w in (paper, inverse, two, trim):
+        assert math.isclose(float(w.sum()), 1.0)
+
+
+@pytest.mark.parametrize("bad, message", [("damping=0", "damping must be > 0"), ("damping=-1", "damping must be > 0"),
+                                          ("solver_tol=0", "solver_tol"), ("solver_max_iter=0", "solver_max_iter"),
+                                          ("track_beta=1", "track_beta"), ("weighting=magic", "unknown weighting"),
+                                          ("trim_top=1", "trim_top"), ("hessian_batch=-1", "hessian_batch"),
+                                          ("lissa_scale=0", "lissa_scale")])
+def test_bad_iwd_options_are_one_line_errors_from_the_cli(bad, message):
+    """Exit code 2 and one line naming the option, before any work (a zero damping used to make CG on the exact
+    Hessian raise it forever)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "run.py", "distill", "-m", "iwd+idc", "-o", "/tmp/never.pt", "--set", bad],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
