@@ -186,6 +186,7 @@ def make_record(suite, cell, synset, ds, evals, started, device):
         "started": started, "date": utc_now(), **provenance(device), **device_record(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "data_source": getattr(ds, "source", None),
+        "solver_summary": synset.metadata.get("solver_summary"),  # IWD's implicit-term solves: truncated or not
     }
     if ds.corruption:
         record.update(corruption_stats(ds, synset))

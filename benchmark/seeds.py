@@ -18,6 +18,11 @@ def scoring_generator(task_seed, n):
     return torch.Generator().manual_seed(task_seed * 7919 + n)
 
 
+def batchnorm_generator(task_seed, net_index):
+    """The real images that set a scoring network's BatchNorm statistics before they are frozen."""
+    return torch.Generator().manual_seed(task_seed * 7907 + net_index)
+
+
 def evaluation_seed(seed, i):
     """The i-th evaluation network of a cell (resuming an evaluation gives exactly the uninterrupted result)."""
     return seed * 1000 + 17 + i

@@ -246,11 +246,16 @@ def _inverse_hvp(loss_fn, params, v, cfg, outputs, x0):
         return cg_adaptive(hvp, v, cfg, x0)
     if cfg.solver == "lissa":
         try:
-            return lissa_solve(hvp, v, cfg.lissa_scale, cfg.lissa_depth, cfg.tol)
+            h, info = lissa_solve(hvp, v, cfg.lissa_scale, cfg.lissa_depth, cfg.tol)
+            if info.converged or not cfg.lissa_fallback:
+                return h, info
+            why = (f"LiSSA did not converge in {info.iterations} iterations (relative residual "
+                   f"{info.residual:.2g} > tol {cfg.tol:g})")
         except InfluenceError as e:
             if not cfg.lissa_fallback:
                 raise
-            h, info = cg_adaptive(hvp, v, cfg)
-            info.note = f"LiSSA diverged, fell back to CG: {e}" + (f"; {info.note}" if info.note else "")
-            return h, info
+            why = f"LiSSA diverged: {e}"
+        h, info = cg_adaptive(hvp, v, cfg)
+        info.note = f"{why}; fell back to CG" + (f"; {info.note}" if info.note else "")
+        return h, info
     raise InfluenceError(f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity)")

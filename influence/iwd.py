@@ -203,7 +203,14 @@ def influence_weighted(cls=None, *, name=None):
             if info.get("implicit"):
                 stats["iwd/solver_iterations"] = float(info["solver_iterations"])
                 stats["iwd/solver_residual"] = float(info["solver_residual"])
+                stats["iwd/solver_residual_max"] = max(stats.get("iwd/solver_residual_max", 0.0),
+                                                       float(info["solver_residual"]))
                 stats["iwd/solver_damping"] = float(info["solver_damping"])
+                if "solves" in ctx.state:  # the run's summary (checkpointed): a truncated CG is not a converged one
+                    s = ctx.state["solves"]
+                    s["steps"] += 1
+                    s["unconverged"] += 0 if info["solver_converged"] else 1
+                    s["max_residual"] = max(s["max_residual"], float(info["solver_residual"]))
             if step.writer is not None and step.local_step == 0:
                 log_histogram(step.writer, "iwd/scores", torch.cat(scores), step.iteration)
                 log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
@@ -222,12 +229,15 @@ def influence_weighted(cls=None, *, name=None):
             n = len(task.dataset.y_train)
             state["influence_ema"] = torch.zeros(n, dtype=torch.float64, device=task.device)
             state["influence_count"] = torch.zeros(n, dtype=torch.int64, device=task.device)
+            state["solves"] = {"steps": 0, "unconverged": 0, "max_residual": 0.0}
             return state
 
         def result(self, task, state):
             out = super().result(task, state)
             out.extras["influence"] = {"ema": state["influence_ema"].cpu().clone(),
                                        "count": state["influence_count"].cpu().clone()}
+            if state.get("solves", {}).get("steps"):
+                out.metadata["solver_summary"] = dict(state["solves"])
             return out
 
     IWDMethod.__name__ = IWDMethod.__qualname__ = "IWD" + cls.__name__

@@ -177,6 +177,9 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
 
     def scoring_step(self, task, synset, net_index, real_indices, gen):
         net = self.fresh_net(task, net_index)
+        if has_batchnorm(net):  # BatchNorm in eval mode, as in matching: scores must not depend on the chunking
+            ds, bn_gen = task.dataset, seeds.batchnorm_generator(task.seed, net_index)
+            freeze_batchnorm(net, ds, torch.cat([ds.sample_class(c, 16, bn_gen) for c in range(ds.num_classes)]))
         x, y = synset.training_data(task.dataset)
         syn = {c: (x[y == c].to(task.device), y[y == c].to(task.device)) for c in sorted(real_indices)}
         return self.build_step(task, net, syn, gen, net_index, real_indices=real_indices)

@@ -43,6 +43,9 @@ def test_iwd_keeps_no_state_on_the_method_object(digits, task_of):
     before = dict(vars(m))
     syn = m.distill(task_of(digits, 1, 0))
     assert vars(m) == before and int((syn.extras["influence"]["count"] > 0).sum()) > 0
+    # the run's summary of its implicit-term solves: 2 iterations x 2 steps, CG truncated at 3 iterations
+    summary = syn.metadata["solver_summary"]
+    assert summary["steps"] == 4 and summary["unconverged"] == 4 and summary["max_residual"] > 1e-4
 
 
 def test_a_method_without_an_evaluation_trait_gets_a_clear_answer(digits, task_of):

@@ -326,9 +326,12 @@ def test_tau_infinity_reproduces_base_method_exactly(digits, task_of):
     assert int(tracked["count"].sum()) == 2 * 2 * 10 * 8  # iterations x outer steps x classes x batch
 
 
-def test_whole_set_scores_do_not_depend_on_chunking_and_are_deterministic(digits, task_of):
+@pytest.mark.parametrize("network", ["ConvNet", "ConvNetBN"])
+def test_whole_set_scores_do_not_depend_on_chunking_and_are_deterministic(digits, task_of, network):
+    """Also with BatchNorm (frozen on a few real images first, as matching does; train-mode BN made the scores
+    depend on the chunk's composition by ~55%)."""
     from influence.ablations import reference_set, score_training_set
-    m = create_method("dc", None, ["net_width=8"])
+    m = create_method("dc", None, ["net_width=8", f"network={network}"])
     task = task_of(digits, 1, 0)
     syn = reference_set(task)
     a = score_training_set(m, task, syn, num_nets=1, chunk=40)
@@ -522,3 +525,18 @@ def test_bad_iwd_options_are_one_line_errors_from_the_cli(bad, message):
     r = subprocess.run([sys.executable, "run.py", "distill", "-m", "iwd+idc", "-o", "/tmp/never.pt", "--set", bad],
                        cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_lissa_that_stalls_without_diverging_falls_back_and_says_so():
+    """A scale far above the top eigenvalue keeps LiSSA stable but too slow for its depth: not converged, so CG
+    takes over (and says why); with the fallback off the unconverged answer is returned flagged."""
+    H, theta, loss, v = _spd_problem()
+    cfg = SolverConfig("lissa", damping=0.01, lissa_scale=1e4, lissa_depth=20, max_iter=100, tol=1e-8,
+                       lissa_fallback=False)
+    h, info = inverse_hvp(loss, [theta], [v], cfg)
+    assert info.solver == "lissa" and not info.converged
+    cfg.lissa_fallback = True
+    h, info = inverse_hvp(loss, [theta], [v], cfg)
+    exact = torch.linalg.solve(H + 0.01 * torch.eye(len(H), dtype=H.dtype), v)
+    assert "did not converge" in info.note and "fell back to CG" in info.note
+    assert (h[0] - exact).norm() / exact.norm() < 1e-6
