@@ -113,12 +113,22 @@ def corruption_section(records):
     recs = [r for r in records if r.get("corruption_auc") is not None]
     if not recs:
         return []
-    out = ["", "Influence vs corruption: ROC AUC of the tracked (EMA) influence score as a detector of corrupted "
-           "training instances, over the instances scored at least once. 0.5 = no separation; > 0.5: corrupted "
-           "instances in the HIGH-score tail (IWD upweights them); < 0.5: in the low tail (IWD downweights them, the "
-           "paper's claim).", "", "| Method | Dataset | IPC | seed | AUC | scored (corrupted) |", "|---|---|---|---|---|---|"]
+    out = ["", "Influence vs corruption, over the training instances scored at least once. AUC (raw): ROC AUC of the "
+           "tracked (EMA) raw score as a detector of corrupted instances, pooled over classes and steps (raw scores "
+           "drift in scale: read with care). AUC z per class: the same for the EMA of the within-class z-scores the "
+           "weights are made from, per class, mean ± std over classes. 0.5 = no separation; > 0.5: corrupted "
+           "instances in the HIGH-score tail. Weight: the mean weight IWD applied to corrupted / clean instances, "
+           "relative to uniform (1.00 = the base method's; < 1: down-weighted, the paper's claim).", "",
+           "| Method | Dataset | IPC | seed | AUC (raw) | AUC z per class | weight corrupted | weight clean | "
+           "scored (corrupted) |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(r, k, fmt="{:.3f}"):
+        return fmt.format(r[k]) if r.get(k) is not None else "—"
     for r in sorted(recs, key=lambda r: (r["method"], r["dataset"], r["ipc"], r["seed"])):
-        out.append(f"| {_row_name(r)} | {r['dataset']} | {r['ipc']} | {r['seed']} | {r['corruption_auc']:.3f} | "
+        z = (f"{r['corruption_auc_z_class_mean']:.3f} ± {r['corruption_auc_z_class_std']:.3f}"
+             if r.get("corruption_auc_z_class_mean") is not None else "—")
+        out.append(f"| {_row_name(r)} | {r['dataset']} | {r['ipc']} | {r['seed']} | {r['corruption_auc']:.3f} | {z} | "
+                   f"{num(r, 'corruption_weight_corrupted')} | {num(r, 'corruption_weight_clean')} | "
                    f"{r['corruption_scored']} ({r['corruption_scored_corrupted']}) |")
     return out
 

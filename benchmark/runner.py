@@ -354,6 +354,8 @@ def corruption_stats(ds, synset):
     separates corrupted from clean instances: ROC AUC of the EMA score as a detector of 'corrupted', over the
     instances that were scored at least once. AUC > 0.5: corrupted instances sit in the HIGH-score tail (IWD
     upweights them); < 0.5: in the low tail (IWD downweights them, the paper's claim)."""
+    import torch
+
     from .corruptions import roc_auc
     out = {"corruption": ds.corruption}
     inf = synset.extras.get("influence")
@@ -362,6 +364,20 @@ def corruption_stats(ds, synset):
         out["corruption_auc"] = roc_auc(inf["ema"][seen], ds.corrupted[seen])
         out["corruption_scored"] = int(seen.sum())
         out["corruption_scored_corrupted"] = int((seen & ds.corrupted).sum())
+        if "z_ema" in inf:  # what the weights are made from: within-class z-scores, AUC per class
+            y = ds.host.y_train
+            per_class = [roc_auc(inf["z_ema"][seen & (y == c)], ds.corrupted[seen & (y == c)])
+                         for c in range(ds.num_classes)]
+            per_class = torch.tensor([a for a in per_class if a == a], dtype=torch.float64)  # classes with both
+            if len(per_class):
+                out["corruption_auc_z_class_mean"] = float(per_class.mean())
+                out["corruption_auc_z_class_std"] = float(per_class.std()) if len(per_class) > 1 else 0.0
+            # the weights themselves: mean applied weight relative to uniform (1 = uniform), corrupted vs clean
+            rel = inf["weight_relative_mean"]
+            bad, good = seen & ds.corrupted, seen & ~ds.corrupted
+            if bad.any() and good.any():
+                out["corruption_weight_corrupted"] = float(rel[bad].mean())
+                out["corruption_weight_clean"] = float(rel[good].mean())
     return out
 
 

@@ -145,13 +145,18 @@ def _raise_if_nonfinite(name, checks):
                          hint="Lower lr_img, raise damping, or use solver=cg.")
 
 
-def track_scores(state, step, scores, beta):
-    """Per-instance exponential moving average of the scores, keyed by training index, in the method state."""
-    ema, count = state["influence_ema"], state["influence_count"]  # on the task's device
-    for b, s in zip(step.batches, scores):
+def track_scores(state, step, scores, weights, beta):
+    """Per instance, keyed by training index, in the method state: an exponential moving average of the raw scores
+    and of the within-group z-scores the weights are made from (raw scores drift in scale between steps; z-scores
+    are comparable across steps and classes), and the sum of the weights applied, relative to uniform (n w)."""
+    ema, z_ema, count = state["influence_ema"], state["influence_z_ema"], state["influence_count"]  # on the device
+    for b, s, w in zip(step.batches, scores, weights):
         idx, s = to_device(b.index, ema.device), s.detach().to(ema.dtype)
+        z = (s - s.mean()) / (s.std() + 1e-12) if len(s) > 1 else torch.zeros_like(s)
         fresh = count[idx] == 0
         ema[idx] = torch.where(fresh, s, beta * ema[idx] + (1 - beta) * s)
+        z_ema[idx] = torch.where(fresh, z, beta * z_ema[idx] + (1 - beta) * z)
+        state["weight_relative_sum"][idx] += len(w) * w.detach().to(ema.dtype)
         count[idx] += 1
 
 
@@ -196,7 +201,7 @@ def influence_weighted(cls=None, *, name=None):
             weights = [influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top, c.trim_bottom)
                        for s in scores]
             if "influence_ema" in ctx.state:
-                track_scores(ctx.state, step, scores, c.track_beta)
+                track_scores(ctx.state, step, scores, weights, c.track_beta)
             stats = ctx.stats
             stats["time/influence_s"] = stats.get("time/influence_s", 0.0) + time.perf_counter() - t0
             stats["iwd/relative_ess"] = torch.stack([effective_sample_size(w) / len(w) for w in weights]).mean()
@@ -229,13 +234,17 @@ def influence_weighted(cls=None, *, name=None):
             n = len(task.dataset.y_train)
             state["influence_ema"] = torch.zeros(n, dtype=torch.float64, device=task.device)
             state["influence_count"] = torch.zeros(n, dtype=torch.int64, device=task.device)
+            for k in ("influence_z_ema", "weight_relative_sum"):
+                state[k] = torch.zeros(n, dtype=torch.float64, device=task.device)
             state["solves"] = {"steps": 0, "unconverged": 0, "max_residual": 0.0}
             return state
 
         def result(self, task, state):
             out = super().result(task, state)
-            out.extras["influence"] = {"ema": state["influence_ema"].cpu().clone(),
-                                       "count": state["influence_count"].cpu().clone()}
+            count = state["influence_count"].cpu().clone()
+            out.extras["influence"] = {"ema": state["influence_ema"].cpu().clone(), "count": count,
+                                       "z_ema": state["influence_z_ema"].cpu().clone(),
+                                       "weight_relative_mean": state["weight_relative_sum"].cpu() / count.clamp_min(1)}
             if state.get("solves", {}).get("steps"):
                 out.metadata["solver_summary"] = dict(state["solves"])
             return out

@@ -441,5 +441,7 @@ def test_corrupted_cell_records_the_corruption_and_influence_auc(tmp_path):
     (rec,) = read_records(runs, "robust")
     assert rec["corruption"]["kind"] == "label-noise" and rec["corruption_auc"] == rec["corruption_auc"]  # not NaN
     assert 0 < rec["corruption_scored_corrupted"] < rec["corruption_scored"]
+    assert 0 < rec["corruption_auc_z_class_mean"] < 1 and rec["corruption_auc_z_class_std"] >= 0
+    assert rec["corruption_weight_corrupted"] > 0 and rec["corruption_weight_clean"] > 0
     from benchmark.leaderboard import corruption_section
     assert any("ROC AUC" in line for line in corruption_section([rec]))
