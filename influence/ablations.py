@@ -72,16 +72,40 @@ class SelectConfig:
     base_set: tuple = ()          # key=value overrides of the base method (e.g. --set base_set=iterations=50)
 
 
-class _UsesBase(Method):
+class UsesBase(Method):
+    """A method that runs a base method (config keys base, base_preset, base_set): a preset goes to the base (and
+    to this method's own presets, if it has that one)."""
+
     @classmethod
     def make_config(cls, preset=None, overrides=None):
         cfg = cls.Config()
         if preset and preset != "reference":
-            cfg.base_preset = preset  # the preset goes to the base method
+            cfg.base_preset = preset
+            if preset in cls.presets:
+                apply_overrides(cfg, dict(cls.presets[preset]))
         return apply_overrides(cfg, overrides)
 
     def base_method(self):
         return create_method(self.config.base, self.config.base_preset, list(self.config.base_set))
+
+    def prune_then_distill(self, task, scores, keep_fraction):
+        """Keep the highest-scored keep_fraction of each class (at least IPC), then distil that with the base. The set
+        records the kept training indices (extras['kept_index']; a selection base's 'selected_index' counts within
+        them) and, on corrupted data, the corrupted share of the kept pool."""
+        ds = task.dataset
+        keep = []
+        for c in range(ds.num_classes):
+            ix = ds.class_indices[c]
+            n_keep = max(task.ipc, int(round(len(ix) * keep_fraction)))
+            keep.append(ix[scores[ix].argsort(descending=True)[:n_keep]])
+        keep = torch.cat(keep).sort().values
+        out = self.base_method().distill(dataclasses.replace(task, dataset=ds.restrict(keep), checkpoint_path=None))
+        out.metadata.update(self.metadata(task, evaluation=out.metadata.get("evaluation")),
+                            base=self.config.base, kept=int(len(keep)))
+        out.extras["kept_index"] = keep
+        if ds.corruption:
+            out.metadata["kept_corrupted_share"] = float(ds.corrupted[keep].double().mean())
+        return out
 
     def whole_set_scores(self, task):
         return score_training_set(self.base_method(), task, reference_set(task), self.config.num_nets,
@@ -89,7 +113,7 @@ class _UsesBase(Method):
 
 
 @register_method("influence-select")
-class InfluenceSelect(_UsesBase):
+class InfluenceSelect(UsesBase):
     """Influence-Select: the IPC highest-influence real instances of each class, as the synthetic set."""
     Config = SelectConfig
     evaluation, ranked = "dc", False
@@ -109,22 +133,10 @@ class PruneConfig(SelectConfig):
 
 
 @register_method("influence-prune-then-distill")
-class InfluencePruneThenDistill(_UsesBase):
+class InfluencePruneThenDistill(UsesBase):
     """Drop the lowest-influence prune_fraction of each class, then distil the remaining data with the base."""
     Config = PruneConfig
     evaluation = "dc"  # the default base's; each set carries its base method's protocol in its metadata
 
     def distill(self, task):
-        ds = task.dataset
-        scores = self.whole_set_scores(task)
-        keep = []
-        for c in range(ds.num_classes):
-            ix = ds.class_indices[c]
-            n_keep = max(task.ipc, int(round(len(ix) * (1 - self.config.prune_fraction))))
-            keep.append(ix[scores[ix].argsort(descending=True)[:n_keep]])
-        keep = torch.cat(keep).sort().values
-        pruned = ds.restrict(keep)
-        out = self.base_method().distill(dataclasses.replace(task, dataset=pruned, checkpoint_path=None))
-        out.metadata.update(self.metadata(task, evaluation=out.metadata.get("evaluation")),
-                            base=self.config.base, kept=int(len(keep)))
-        return out
+        return self.prune_then_distill(task, self.whole_set_scores(task), 1 - self.config.prune_fraction)

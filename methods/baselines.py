@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from benchmark.device import to_device
 from benchmark.files import save_torch_atomic
@@ -12,6 +13,7 @@ from benchmark.networks import get_network
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
+from influence.ablations import UsesBase
 
 
 @dataclass
@@ -129,3 +131,39 @@ class FullDataset(Method):
     def distill(self, task):
         ds = task.dataset
         return SyntheticSet(ds.x_train, ds.y_train, "normalized", {}, self.metadata(task))
+
+
+@dataclass
+class LossPruneConfig:
+    base: str = "dc"                   # the method that distils the kept data
+    base_preset: Optional[str] = None  # None: the base's reference settings (a suite's preset is passed on)
+    base_set: tuple = ()               # key=value overrides of the base method
+    keep_fraction: float = 0.2         # of each class, the lowest-loss instances kept (the paper's headline setting
+                                       # removes 80%)
+    network: str = "ConvNet"           # the briefly trained scoring network (herding's, trained and cached alike)
+    feature_epochs: int = 10
+    lr: float = 0.01
+    batch: int = 256
+    cache_dir: Optional[str] = None
+
+    def validate(self):
+        if not 0 < self.keep_fraction <= 1:
+            from benchmark.errors import BenchmarkError
+            raise BenchmarkError(f"keep_fraction must be in (0, 1] (got {self.keep_fraction})")
+
+
+@register_method("loss-prune-then-distill")
+class LossPruneThenDistill(UsesBase):
+    """Keep each class's lowest-loss fraction under a briefly trained network, then distil it with the base method
+    (easy instances first: Moser et al. 2024, "Distill the Best, Ignore the Rest", arXiv 2411.12115)."""
+    Config = LossPruneConfig
+    evaluation = "dc"  # the default base's; each set carries its base method's protocol in its metadata
+    presets = {"quick": {"network": "ConvNetD2"}, "cpu": {"network": "ConvNetW32"}}  # as herding's
+
+    def distill(self, task):
+        ds = task.dataset
+        net = feature_network(task, self.config)
+        with torch.no_grad():
+            losses = torch.cat([F.cross_entropy(net(ds.x_train[s:s + 1024]), ds.y_train[s:s + 1024], reduction="none")
+                                for s in range(0, len(ds.y_train), 1024)]).cpu()
+        return self.prune_then_distill(task, -losses, self.config.keep_fraction)  # highest -loss = lowest loss

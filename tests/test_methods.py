@@ -235,3 +235,17 @@ def test_evaluation_is_deterministic_and_a_corrupt_checkpoint_is_a_clear_error(d
     with pytest.raises(BenchmarkError, match="corrupt or truncated"):
         create_method("dc", None, TINY).distill(task_of(digits, 1, 0, checkpoint_path=str(ckpt), checkpoint_every=1))
     assert ckpt.exists()  # kept for inspection, never overwritten silently
+
+
+def test_loss_prune_keeps_the_easy_instances(task_of, tmp_path):
+    """Under 20% label noise, the lowest-loss fifth of each class (a briefly trained network) is nearly free of
+    mislabeled instances: with `random` as the base, the selected images come from that pool."""
+    from benchmark.datasets import get_dataset
+    noisy = get_dataset("digits@label-noise=0.2")
+    m = create_method("loss-prune-then-distill", "quick", ["base=random", f"cache_dir={tmp_path}"])
+    syn = m.distill(task_of(noisy, 10, 0))
+    picked = syn.extras["kept_index"][syn.extras["selected_index"]]  # selected within the kept pool
+    kept_share = float(noisy.corrupted[picked].double().mean())
+    assert syn.metadata["kept_corrupted_share"] < 0.05
+    assert syn.metadata["kept"] == sum(max(10, round(len(ix) * 0.2)) for ix in noisy.class_indices)
+    assert float(noisy.corrupted.double().mean()) > 0.15 and kept_share < 0.05, kept_share
