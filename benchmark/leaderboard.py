@@ -57,6 +57,20 @@ def _row_name(rec):
     return rec["method"] + (f"@{rec['variant']}" if rec.get("variant") else "")
 
 
+def _base_row(record, rows):
+    """The row an IWD (iwd+X) or base-running (config key `base`) record is compared with: X's row in the same
+    variant, else X's row in another variant (a suite that runs the base once, in one variant), else none."""
+    m, variant = record["method"], record.get("variant")
+    base = m[4:] if m.startswith("iwd+") else (record.get("config") or {}).get("base")
+    if not base:
+        return None
+    for cand in ([f"{base}@{variant}"] if variant else []) + [base] + sorted(r for r in rows
+                                                                           if r.split("@")[0] == base):
+        if cand in rows and cand != _row_name(record):
+            return cand
+    return None
+
+
 def build_table(records, methods_order=None, network=None):
     """-> (columns [(dataset, ipc)], rows OrderedDict name -> {col: summary dict with 'accs'})."""
     cols = sorted({(r["dataset"], r["ipc"]) for r in records if _trait(r["method"], "uses_ipc")} or
@@ -79,9 +93,10 @@ def build_table(records, methods_order=None, network=None):
                     accs += [100 * a for a in ev["accuracies"]]
             if accs:
                 rows[name][col] = {**summarize(accs), "accs": accs}
-    for name in rows:  # IWD rows: difference from the base row and its significance
-        base = name[4:] if name.startswith("iwd+") else None
-        if base and base in rows:
+    bases = {_row_name(r): _base_row(r, rows) for r in records}
+    for name in rows:  # IWD and prune-then-distill rows: difference from their base method's row, significance
+        base = bases.get(name)
+        if base:
             for col, cell in rows[name].items():
                 if col in rows[base]:
                     cell["diff"], cell["p"] = welch_test(cell["accs"], rows[base][col]["accs"])
@@ -163,10 +178,10 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
     footer = [
         "",
         f"Final-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) x {', '.join(map(str, nets))} "
-        f"evaluation network(s), pooled. In IWD rows, (+d) is the difference from the base row; * marks p < 0.05 "
-        f"(two-sided Welch t-test over the pooled accuracies). Best **bold**, second <u>underlined</u> among "
-        f"distillation rows (selection rows and Full Dataset not ranked). Rows marked (reported) are published "
-        f"numbers under the references' full protocols, not measured here.",
+        f"evaluation network(s), pooled. In IWD and prune-then-distill rows, (+d) is the difference from the base "
+        f"method's row; * marks p < 0.05 (two-sided Welch t-test over the pooled accuracies). Best **bold**, "
+        f"second <u>underlined</u> among distillation rows (selection rows and Full Dataset not ranked). Rows marked "
+        f"(reported) are published numbers under the references' full protocols, not measured here.",
         "",
         f"- suite: `{suite.name}` ({'REDUCED CPU settings' if suite.reduced else 'reference settings'}); "
         f"preset `{suite.preset}`; evaluation protocol(s) {', '.join(protos)} on {', '.join(eval_nets)}",
