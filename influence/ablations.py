@@ -5,9 +5,11 @@
   rest with the base method.
 - random-select is the `random` method.
 
-Whole-set scores (also `run.py influence`) are explicit influence scores of every training instance against a
-reference synthetic set, averaged over `num_nets` fresh networks. Within a class every chunk uses the same
-d Dist / d Phi_real (taken at the class's full uniform-weight statistic), so scores do not depend on chunking.
+Whole-set scores (also `run.py influence`) are the influence scores of every training instance against a
+reference synthetic set, averaged over `num_nets` fresh networks: explicit, plus implicit for bases whose network
+trains on real data (IDC, PDD; what their IWD variants' weights are dominated by). Within a class every chunk uses
+the same d Dist / d Phi_real (taken at the class's full uniform-weight statistic), so scores do not depend on
+chunking.
 Ablation reference set: IPC random real images per class (the starting point of real-initialised methods).
 """
 import dataclasses
@@ -22,41 +24,73 @@ from benchmark.registry import create_method, register_method
 from benchmark.synthetic import SyntheticSet
 
 
-def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False):
-    """Explicit influence of every training instance of task.dataset against synset under `method`'s matching
-    statistic (a method with a `scoring_step`). Returns a float64 tensor of length N_train."""
+def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False, solver=None):
+    """Influence of every training instance of task.dataset against synset under `method`'s matching statistic (a
+    method with a `scoring_step`), as its IWD variant scores a step: the explicit term, plus, when the method's
+    network trains on real data (IDC, PDD), the implicit term -<(GN + damping I)^{-1} g_M, grad l_j> with g_M the
+    gradient of the whole objective (every class) and the curvature on 128 evenly spaced training instances (one
+    solve per network; `solver`: a SolverConfig, default CG as IWD's). Returns a float64 tensor of length N_train."""
+    from .ihvp import SolverConfig, inverse_hvp
     ds, method = task.dataset, method.for_task(task)
+    implicit = method.inner_data == "real"
+    solver = solver or SolverConfig(curvature="gauss-newton", hessian_batch=128)
     scores = torch.zeros(len(ds.y_train), dtype=torch.float64)
     if progress:
         from benchmark.logging import progress_bar
         bar = progress_bar(num_nets, "influence")
     for n in range(num_nets):
         gen = seeds.scoring_generator(task.seed, n)
+        g_m = None
         for c in range(ds.num_classes):
             ix = ds.class_indices[c]
             step = method.scoring_step(task, synset, seeds.scoring_network(n), {c: ix}, gen)
             rows = torch.arange(len(ix)).split(chunk)
             dev = step.batches[0].x.device
+            uniform = lambda r, grad=False: torch.full((len(r),), 1.0 / len(ix), device=dev,  # noqa: E731
+                                                       requires_grad=grad)
             # d Dist / d Phi_real at the class's full uniform statistic (the sum of the chunks' statistics)
             full = None
             for r in rows:
-                w = torch.full((len(r),), 1.0 / len(ix), device=dev)
-                stat = [t.detach() for t in step.real_statistic(0, w, False, rows=r)]
+                stat = [t.detach() for t in step.real_statistic(0, uniform(r), False, rows=r)]
                 full = stat if full is None else [a + b for a, b in zip(full, stat)]
             full = [t.requires_grad_(True) for t in full]
             syn = [t.detach() for t in step.syn_stats[0]]
             v = torch.autograd.grad(step.distance(syn, full), full, allow_unused=True)
             v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, full)]
             for r in rows:  # I_j = <v, d Phi_real / d w_j>, for a whole chunk in one double backward
-                w = torch.full((len(r),), 1.0 / len(ix), device=dev, requires_grad=True)
+                w = uniform(r, True)
                 stat = step.real_statistic(0, w, True, rows=r)
                 (s,) = torch.autograd.grad(sum((a * b).sum() for a, b in zip(stat, v)), w)
                 scores[ix[r]] += s.detach().cpu().double() / num_nets
+            if implicit:  # this class's share of g_M: through the synthetic statistic, then the real one by chunks
+                params = step.train_params
+                parts = [_grads(step.distance(step.syn_stats[0], [t.detach() for t in full]), params)]
+                parts += [_grads(sum((a * b).sum() for a, b in zip(step.real_statistic(0, uniform(r), True, rows=r),
+                                                                    v)), params) for r in rows]
+                g_m = [sum(ts) for ts in zip(*parts)] if g_m is None else [a + sum(ts) for a, *ts in zip(g_m, *parts)]
+        if implicit:  # the networks of every class are the same seeded one: solve and score with the last
+            everyone = torch.cat(list(ds.class_indices))
+            hrows = everyone[torch.linspace(0, len(everyone) - 1, solver.hessian_batch).round().long()] \
+                if 0 < solver.hessian_batch < len(everyone) else everyone
+            xh, yh = ds.x_train[hrows.to(dev)], ds.y_train[hrows.to(dev)]
+            h, _ = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), params, g_m, solver,
+                               (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean()))
+            for r in everyone.split(chunk):
+                x, y = ds.x_train[r.to(dev)], ds.y_train[r.to(dev)]
+                w = torch.ones(len(r), dtype=x.dtype, device=dev, requires_grad=True)
+                grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), params, create_graph=True)
+                (s,) = torch.autograd.grad(sum((g * hi).sum() for g, hi in zip(grads, h)), w)
+                scores[r] += -s.detach().cpu().double() / num_nets
         if progress:
             bar.update(1)
     if progress:
         bar.close()
     return scores
+
+
+def _grads(scalar, params):
+    return [torch.zeros_like(p) if g is None else g.detach()
+            for g, p in zip(torch.autograd.grad(scalar, params, allow_unused=True), params)]
 
 
 def reference_set(task):

@@ -550,3 +550,25 @@ def test_lissa_that_stalls_without_diverging_falls_back_and_says_so():
     exact = torch.linalg.solve(H + 0.01 * torch.eye(len(H), dtype=H.dtype), v)
     assert "did not converge" in info.note and "fell back to CG" in info.note
     assert (h[0] - exact).norm() / exact.norm() < 1e-6
+
+
+def test_whole_set_scores_of_an_idc_base_include_the_implicit_term(digits, task_of):
+    """For a base whose network trains on real data, whole-set scores are what its IWD variant computes on one step
+    holding every training instance: explicit + implicit with g_M of the whole objective (here with the exact GN
+    solve on the same 7 evenly spaced rows), however the set is chunked."""
+    from influence.ablations import reference_set, score_training_set
+    from influence.scores import step_scores
+    task = task_of(digits, 1, 0)  # float32: the scoring networks are the method's own
+    m = create_method("idc", None, ["net_width=4", "network=ConvNetD1", "factor=1"])
+    syn = reference_set(task)
+    cfg = SolverConfig("exact", damping=0.1, curvature="gauss-newton", hessian_batch=7)
+    whole = score_training_set(m, task, syn, num_nets=1, chunk=300, solver=cfg)
+    r = m.for_task(task)
+    from benchmark import seeds
+    step = r.scoring_step(task, syn, seeds.scoring_network(0), dict(enumerate(digits.class_indices)),
+                          seeds.scoring_generator(0, 0))
+    w0 = uniform_weights(step)
+    expected, info = step_scores(step, w0, cfg)
+    assert info["implicit"]
+    expected = torch.cat(expected)[torch.argsort(torch.cat(list(digits.class_indices)))]  # by training index
+    assert torch.allclose(whole, expected.double(), rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
