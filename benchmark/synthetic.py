@@ -109,8 +109,16 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path, factor=None):
-        """Load our format, the DC/DSA/DM reference's {'data': [[images, labels], ...]} (normalised), or IDC's
-        [images, targets] (pixel space; pass factor for multi-formation sets)."""
+        """Load our format, the DC/DSA/DM reference's {'data': [[images, labels], ...]} (normalised; its result
+        files' numpy accuracies are allowed), IDC's [images, targets] (pixel space; pass factor for multi-formation
+        sets), or MTT's trio images_best.pt / labels_best.pt / syn_lr.pt (a folder holding them, or the images
+        file; normalised; the learned learning rate goes to extras['lr'] and the 'mtt' evaluation protocol)."""
+        trio = _mtt_trio(path)
+        if trio is not None:
+            images, labels, lr = (safe_load(p) if p else None for p in trio)
+            extras = {"lr": float(lr)} if lr is not None else {}
+            meta = {"source": "mtt-reference", "path": str(path), "evaluation": "mtt" if lr is not None else "dsa"}
+            return cls(images.float(), labels.long(), "normalized", extras, meta)
         blob = safe_load(path)
         if isinstance(blob, dict) and blob.get("format") == FORMAT:
             return cls(blob["images"], blob["labels"], blob["space"], blob["extras"], blob["metadata"])
@@ -126,6 +134,17 @@ class SyntheticSet:
             f"or IDC's [x, y]); got a {type(blob).__name__}.")
 
 
+def _mtt_trio(path):
+    """(images, labels, lr-or-None) paths if `path` is MTT's images_best.pt or a folder holding it, else None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not (os.path.isdir(path) or os.path.basename(path) == "images_best.pt"):
+        return None
+    images, labels, lr = (os.path.join(folder, f) for f in ("images_best.pt", "labels_best.pt", "syn_lr.pt"))
+    if not (os.path.exists(images) and os.path.exists(labels)):
+        raise BenchmarkError(f"{path}: MTT's format needs images_best.pt and labels_best.pt side by side in {folder}")
+    return images, labels, lr if os.path.exists(lr) else None
+
+
 def _cpu(obj):
     if torch.is_tensor(obj):
         return obj.detach().cpu()
@@ -136,12 +155,22 @@ def _cpu(obj):
     return obj
 
 
+def _numpy_data_globals():
+    """numpy scalars and dtypes: data, not code (the DC/DSA/DM reference pickles its accuracies as numpy floats
+    beside its tensors). Allowed through torch's safe-globals allowlist; weights_only stays on."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [core.multiarray.scalar, np.dtype, *dtypes]
+
+
 def safe_load(path):
-    """torch.load with weights_only=True and errors that name the problem."""
+    """torch.load with weights_only=True (numpy scalars allowed as data) and errors that name the problem."""
     if not os.path.exists(path):
         raise BenchmarkError(f"file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         text = str(e)
         if "Unsupported global" in text or "GLOBAL" in text:

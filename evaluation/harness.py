@@ -61,13 +61,16 @@ PROTOCOLS = {
     "paper-dsa": Protocol("paper-dsa", 1000, lr=0.1, dsa=True),
     "paper-idc": Protocol("paper-idc", 1000, batch=64, milestones=(2 / 3, 5 / 6), gamma=0.2, dsa=True, cutmix_p=0.5),
     "full": Protocol("full", 50, batch=128),
+    # MTT's: the set's learned learning rate (extras['lr']; 0.01 when it has none), 1000 epochs, DSA
+    "mtt": Protocol("mtt", 1000, dsa=True),
 }
 # reduced CPU variants: 1/3 of the dc epochs, 1/5 of the 1000-epoch protocols, 30 full-data epochs
-_QUICK_EPOCHS = {"dc": 100, "dsa": 200, "idc": 200, "paper-dc": 100, "paper-dsa": 200, "paper-idc": 200, "full": 30}
+_QUICK_EPOCHS = {"dc": 100, "dsa": 200, "idc": 200, "paper-dc": 100, "paper-dsa": 200, "paper-idc": 200, "full": 30,
+                 "mtt": 200}
 for _k, _e in _QUICK_EPOCHS.items():
     PROTOCOLS[_k + "-quick"] = dataclasses.replace(PROTOCOLS[_k], name=_k + "-quick", epochs=_e, reduced=True)
 
-FAMILIES = ("dc", "dsa", "idc", "full")  # what a method's `evaluation` trait may declare
+FAMILIES = ("dc", "dsa", "idc", "full", "mtt")  # what a method's `evaluation` trait may declare
 _OLDER_SETS = {"dm": "dsa", "pdd": "idc", "select": "dc"}  # sets saved before traits carried 'evaluation_hint'
 
 
@@ -83,11 +86,14 @@ def resolve_protocol(name, synset=None) -> Protocol:
     base = name[:-6] if quick else name
     if base in ("auto", "paper"):
         family = declared_family(synset, name)
-        base = family if (base == "auto" or family == "full") else "paper-" + family
+        base = family if (base == "auto" or family in ("full", "mtt")) else "paper-" + family
     key = base + ("-quick" if quick else "")
     if key not in PROTOCOLS:
         raise unknown_name("protocol", name, list_protocols())
-    return PROTOCOLS[key]
+    proto = PROTOCOLS[key]
+    if base == "mtt" and synset is not None and "lr" in synset.extras:  # MTT evaluates with its learned lr
+        proto = dataclasses.replace(proto, lr=float(synset.extras["lr"]))
+    return proto
 
 
 def declared_family(synset, protocol_name="auto"):

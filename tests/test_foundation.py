@@ -1,4 +1,5 @@
 """Datasets (real on-disk formats), networks, DSA, synthetic-set files, registry errors, evaluation."""
+import dataclasses
 import gzip
 import os
 import pickle
@@ -280,3 +281,30 @@ def test_roc_auc_against_scikit_learn():
     scores = torch.randn(300, generator=g) + labels.double()
     scores[:40] = scores[:40].round()  # ties
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+
+
+def test_sets_made_by_the_reference_tools_load_and_evaluate(tmp_path, digits):
+    """The DC/DSA/DM reference's result file (numpy accuracies beside the tensors) and MTT's trio load (weights_only
+    stays on: a file needing code is still refused, test above) and evaluate; MTT's under its learned lr."""
+    import numpy as np
+    from evaluation import evaluate, resolve_protocol
+    x, y = digits.x_train[:10].clone(), digits.y_train[:10].clone()
+    torch.save({"data": [[x, y]], "accs_all_exps": {"ConvNet": [np.float64(0.61), np.float32(0.6)]}},
+               tmp_path / "res_DC_digits_ConvNet_1ipc.pt")
+    dc = SyntheticSet.load(str(tmp_path / "res_DC_digits_ConvNet_1ipc.pt"))
+    assert torch.equal(dc.images, x) and dc.metadata["source"] == "dc-reference"
+    assert evaluate(dc, digits, "dc-quick", "ConvNetD2", num_eval=1)["num_eval"] == 1
+    mtt = tmp_path / "mtt"
+    mtt.mkdir()
+    torch.save(x, mtt / "images_best.pt")
+    torch.save(y, mtt / "labels_best.pt")
+    torch.save(torch.tensor(0.0123), mtt / "syn_lr.pt")
+    for where in (mtt, mtt / "images_best.pt"):
+        s = SyntheticSet.load(str(where))
+        assert torch.equal(s.images, x) and s.extras["lr"] == pytest.approx(0.0123)
+    proto = resolve_protocol("auto-quick", s)
+    assert proto.name == "mtt-quick" and proto.lr == pytest.approx(0.0123) and proto.dsa
+    assert evaluate(s, digits, dataclasses.replace(proto, epochs=2), "ConvNetD2", num_eval=1)["num_eval"] == 1
+    (mtt / "labels_best.pt").unlink()
+    with pytest.raises(BenchmarkError, match="labels_best.pt"):
+        SyntheticSet.load(str(mtt))
