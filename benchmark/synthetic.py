@@ -60,13 +60,15 @@ class SyntheticSet:
         return self.metadata.get("ipc")
 
     def training_data(self, dataset, images=None, labels=None):
-        """Decoded training images in the dataset's normalised space, and their labels."""
+        """Decoded training images in the dataset's normalised space, and their labels: class indices, or the soft
+        labels (N, C probabilities) a set carries in extras['soft_labels'] (`labels` then holds their argmax)."""
         x = self.images.detach() if images is None else images
-        y = self.labels if labels is None else labels
+        soft = self.extras.get("soft_labels")
+        y = (self.labels if soft is None else torch.as_tensor(soft)) if labels is None else labels
         factor = int(self.extras.get("factor", 1))
         if factor > 1:
             x = decode_multi_formation(x, factor)
-            y = y.repeat_interleave(factor * factor)
+            y = y.repeat_interleave(factor * factor, dim=0)
         if self.space == "pixel":
             x = dataset.normalize(x)
         return x, y
@@ -78,16 +80,22 @@ class SyntheticSet:
             return [self.training_data(dataset)]
         out, keep = [], torch.zeros(len(self.labels), dtype=torch.bool)
         stage_of = torch.as_tensor(self.extras["stage_of"])
+        labels = torch.as_tensor(self.extras.get("soft_labels", self.labels))
         for k in range(len(stages)):
             keep |= stage_of == k
             rows = keep.nonzero().flatten()  # on the host: a mask on the device would cost a sync
             out.append(self.training_data(dataset, self.images.detach()[rows.to(self.images.device)],
-                                          self.labels[rows.to(self.labels.device)]))
+                                          labels[rows.to(labels.device)]))
         return out
 
     def check_fits(self, dataset):
         """Raise a clear error if this set cannot be evaluated on `dataset`."""
         x, y = self.training_data(dataset)
+        if y.dim() == 2:  # soft labels: one probability per class
+            if y.shape[1] != dataset.num_classes:
+                raise BenchmarkError(f"soft labels have {y.shape[1]} classes but {dataset.name} has "
+                                     f"{dataset.num_classes}.")
+            y = self.labels
         if tuple(x.shape[1:]) != (dataset.channels, *dataset.image_size):
             raise BenchmarkError(
                 f"synthetic images have shape {tuple(x.shape[1:])} but {dataset.name} images are "
@@ -118,6 +126,11 @@ class SyntheticSet:
             images, labels, lr = (safe_load(p) if p else None for p in trio)
             extras = {"lr": float(lr)} if lr is not None else {}
             meta = {"source": "mtt-reference", "path": str(path), "evaluation": "mtt" if lr is not None else "dsa"}
+            if labels.dim() == 2:  # soft labels (DATM and its successors learn them): probabilities, or logits
+                soft = labels.float()
+                if not ((soft >= 0).all() and torch.allclose(soft.sum(1), torch.ones(len(soft)), atol=1e-4)):
+                    soft = torch.softmax(soft, 1)
+                extras["soft_labels"], labels = soft, soft.argmax(1)
             return cls(images.float(), labels.long(), "normalized", extras, meta)
         blob = safe_load(path)
         if isinstance(blob, dict) and blob.get("format") == FORMAT:

@@ -14,9 +14,11 @@ COUNT_HOOK = None
 
 
 def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
-                lr_schedule=None):
+                lr_schedule=None, temperature=1.0):
     """SGD on (x, y). Either `epochs` (shuffled passes, the last batch may be short) or `steps` (batches drawn from
     a shuffled stream). `aug`: a DSA (independent per-image draws). `cutmix_p`: probability of CutMix per batch.
+    y: class indices, or soft labels (N, C) probabilities, trained with the soft cross-entropy of logits / T,
+    times T^2 (the gradient of T^2 KL(q || softmax(z / T)), as knowledge distillation scales it).
     `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch (with
     `epochs`) or over the steps, as a 0-d tensor on the data's device (float() it where the value is needed)."""
     net.train()
@@ -25,7 +27,7 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
     if COUNT_HOOK is not None:
         total = steps if epochs is None else epochs * -(-n // batch)
         idx = torch.randperm(n, generator=gen)[:batch]
-        COUNT_HOOK(total, lambda: _step(net, x, y, idx, opt, aug, gen, cutmix_p))
+        COUNT_HOOK(total, lambda: _step(net, x, y, idx, opt, aug, gen, cutmix_p, temperature))
         return last
     if epochs is not None:
         for ep in range(epochs):
@@ -35,7 +37,8 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
             perm = torch.randperm(n, generator=gen)
             tot = 0.0
             for s in range(0, n, batch):
-                tot = tot + _step(net, x, y, perm[s:s + batch], opt, aug, gen, cutmix_p) * len(perm[s:s + batch])
+                tot = tot + _step(net, x, y, perm[s:s + batch], opt, aug, gen, cutmix_p, temperature) * \
+                    len(perm[s:s + batch])
             last = tot / n
         return last
     perm, pos, tot = torch.randperm(n, generator=gen), 0, 0.0
@@ -44,24 +47,31 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + batch]
         pos += batch
-        tot = tot + _step(net, x, y, idx, opt, aug, gen, cutmix_p)
+        tot = tot + _step(net, x, y, idx, opt, aug, gen, cutmix_p, temperature)
     return torch.as_tensor(tot, device=x.device) / max(steps, 1)
 
 
-def _step(net, x, y, idx, opt, aug, gen, cutmix_p):
+def _step(net, x, y, idx, opt, aug, gen, cutmix_p, temperature=1.0):
     idx = to_device(idx, x.device)
     xb, yb = x[idx], y[idx]
     if aug is not None:
         xb = aug(xb, generator=gen)
     if cutmix_p > 0 and float(torch.rand(1, generator=gen)) < cutmix_p:
         xb, ya, yb2, lam = cutmix(xb, yb, generator=gen)
-        loss = cutmix_loss(net(xb), ya, yb2, lam)
+        loss = cutmix_loss(_logits(net, xb, temperature), ya, yb2, lam)
     else:
-        loss = F.cross_entropy(net(xb), yb)
+        loss = F.cross_entropy(_logits(net, xb, temperature), yb)
+    if temperature != 1.0:
+        loss = loss * temperature ** 2
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def _logits(net, x, temperature):
+    z = net(x)
+    return z if temperature == 1.0 else z / temperature
 
 
 @torch.no_grad()

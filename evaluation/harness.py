@@ -111,9 +111,11 @@ def declared_family(synset, protocol_name="auto"):
     return family
 
 
-def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=0, device="cpu", net_kwargs=None):
-    """Train one fresh network through the stages ([(x, y)], cumulative) and return its final test accuracy. The
-    stages and the dataset's test split are used on `device` (moved once by `evaluate`, not per network)."""
+def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=0, device="cpu", net_kwargs=None,
+                   temperature=1.0):
+    """Train one fresh network through the stages ([(x, y)], cumulative; y may be soft labels, trained at
+    `temperature`) and return its final test accuracy. The stages and the dataset's test split are used on
+    `device` (moved once by `evaluate`, not per network)."""
     dataset = dataset.on(device)
     gen = torch.Generator().manual_seed(seed)
     net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed,
@@ -123,7 +125,8 @@ def train_and_test(dataset, stages, protocol: Protocol, network="ConvNet", seed=
         opt = torch.optim.SGD(net.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
         loss = train_steps(net, x.to(device), y.to(device), opt, epochs=protocol.epochs, batch=protocol.batch,
-                           aug=aug, gen=gen, cutmix_p=protocol.cutmix_p, lr_schedule=protocol.lr_at)
+                           aug=aug, gen=gen, cutmix_p=protocol.cutmix_p, lr_schedule=protocol.lr_at,
+                           temperature=temperature)
         loss = float(loss)  # one host read per stage
         if not math.isfinite(loss):
             raise BenchmarkError(f"evaluation training diverged (loss {loss}) under protocol {protocol.name}; "
@@ -140,6 +143,9 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
     synset.check_fits(dataset)
     proto = resolve_protocol(protocol, synset)
     dataset = dataset.on(device)
+    # soft labels (extras['soft_labels']): soft cross-entropy at the set's temperature (extras['soft_temperature'])
+    soft = synset.extras.get("soft_labels") is not None
+    temperature = float(synset.extras.get("soft_temperature", 1.0)) if soft else 1.0
     stages = [(x.to(device), y.to(device)) for x, y in synset.stage_data(dataset)]
     t0 = time.perf_counter()
     accs = list((resume or {}).get("accuracies", []))[:num_eval]
@@ -148,7 +154,7 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
     bar = progress_bar(num_eval, f"evaluate {proto.name} {network}", initial=len(accs)) if progress else None
     for i in it:
         accs.append(train_and_test(dataset, stages, proto, network, seed=seeds.evaluation_seed(seed, i),
-                                   device=device, net_kwargs=net_kwargs))
+                                   device=device, net_kwargs=net_kwargs, temperature=temperature))
         if on_model is not None:
             on_model({"accuracies": list(accs), "seconds": before + time.perf_counter() - t0})
         if bar is not None:
@@ -159,5 +165,7 @@ def evaluate(synset, dataset, protocol="auto", network="ConvNet", num_eval=5, se
     return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
             "num_eval": num_eval, "network": network, "protocol": dataclasses.asdict(proto),
             "staged": len(stages) > 1, "train_images": int(len(stages[-1][1])),
+            "soft_labels": {"temperature": temperature, "loss": "soft cross-entropy of logits / T, x T^2"}
+            if soft else None,
             "seconds": before + time.perf_counter() - t0}
 

@@ -308,3 +308,37 @@ def test_sets_made_by_the_reference_tools_load_and_evaluate(tmp_path, digits):
     (mtt / "labels_best.pt").unlink()
     with pytest.raises(BenchmarkError, match="labels_best.pt"):
         SyntheticSet.load(str(mtt))
+
+
+def test_soft_label_sets_train_with_soft_cross_entropy(tmp_path, digits):
+    """A set carrying soft labels (our format, or MTT-style 2-D labels) evaluates with the soft cross-entropy at its
+    temperature: one-hot soft labels step exactly like class indices, and the loss at T = 2 is T^2 times the soft
+    cross-entropy of logits / T computed by hand; the record says soft labels were used."""
+    import torch.nn.functional as F
+    from benchmark.networks import get_network
+    from benchmark.training import train_steps
+    from evaluation import evaluate
+    x, y = digits.x_train[:20].clone(), digits.y_train[:20].clone()
+    nets = [get_network("ConvNetD2", 1, 10, (8, 8), seed=0) for _ in range(3)]
+    onehot = F.one_hot(y, 10).float()
+    for net, target in zip(nets[:2], (y, onehot)):
+        train_steps(net, x, target, torch.optim.SGD(net.parameters(), lr=0.1), steps=1, batch=20,
+                    gen=torch.Generator().manual_seed(0))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    q = torch.softmax(torch.randn(20, 10, generator=torch.Generator().manual_seed(1)), 1)
+    with torch.no_grad():
+        by_hand = 4 * (-(q * torch.log_softmax(nets[2](x) / 2, 1)).sum(1)).mean()
+    loss = train_steps(nets[2], x, q, torch.optim.SGD(nets[2].parameters(), lr=0.0), steps=1, batch=20,
+                       gen=torch.Generator().manual_seed(0), temperature=2.0)
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    soft = SyntheticSet(x, y, "normalized", {"soft_labels": q, "soft_temperature": 2.0}, {"evaluation": "dc"})
+    soft.save(tmp_path / "soft.pt")
+    r = evaluate(SyntheticSet.load(str(tmp_path / "soft.pt")), digits, "dc-quick", "ConvNetD2", num_eval=1)
+    assert r["soft_labels"]["temperature"] == 2.0 and r["train_images"] == 20
+    mtt = tmp_path / "datm"
+    mtt.mkdir()
+    torch.save(x, mtt / "images_best.pt")
+    torch.save(torch.randn(20, 10), mtt / "labels_best.pt")  # learned logits
+    s = SyntheticSet.load(str(mtt))
+    assert torch.allclose(s.extras["soft_labels"].sum(1), torch.ones(20)) and s.labels.dtype == torch.long
+    assert evaluate(s, digits, "dsa-quick", "ConvNetD2", num_eval=1)["soft_labels"]["temperature"] == 1.0
