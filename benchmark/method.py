@@ -204,6 +204,12 @@ class Checkpoint:
             os.remove(self.path)
 
 
+# Set by `run.py plan` while it counts FLOPs on the meta device: called as hook(n, run_one) for each of
+# cost_iterations' (iteration, n) instead of the loop (one iteration counted and scaled; also inside a method that
+# runs another, e.g. prune-then-distill's base).
+COUNT_HOOK = None
+
+
 class IterativeMethod(Method):
     """Checkpointed iteration. State is a dict of tensors / plain values (saved with torch.save, loaded with
     weights_only=True). All randomness must come from `state['rng']` (a torch.Generator state) or from seeds derived
@@ -260,6 +266,11 @@ class IterativeMethod(Method):
                 saved.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
             before = float(saved.get("elapsed_s", 0.0))
         segments.append({"commit": code_commit(), "from_iteration": start})
+        if COUNT_HOOK is not None:
+            gen = torch.Generator().set_state(state["rng"])
+            for it, weight in self.cost_iterations(task):
+                COUNT_HOOK(weight, lambda: self.iteration(task, state, it, gen))
+            return self.result(task, state)
         n = self.num_iterations(task)
         callbacks = [cb for cb in (_tensorboard(self, task, n), _progress(self, task, n, start),
                                    _checkpoint_policy(task, ckpt, n, clock, segments)) if cb is not None]

@@ -57,21 +57,21 @@ def shape_dataset(name, per_class=None, device="meta", gen=None):
 def _counting():
     """FLOPs and peak memory of what runs inside (on meta)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from . import training
+    from . import method, training
     out = {"flops": 0, "peak_bytes": None}
     tracker = PeakMemory()
     scaled = [0]
 
-    def one_step_for_all(n_steps, run_one):  # a training loop: count one step, scale it (linear in steps)
-        before = flops.get_total_flops()
+    def one_for_all(n, run_one):  # a training loop or a distillation loop: count one step, scale it (nested ones
+        before = flops.get_total_flops() + scaled[0]  # scale with it)
         run_one()
-        scaled[0] += (n_steps - 1) * (flops.get_total_flops() - before)
+        scaled[0] += (n - 1) * (flops.get_total_flops() + scaled[0] - before)
     with meta_host_reads(), FlopCounterMode(display=False) as flops, tracker:
-        training.COUNT_HOOK = one_step_for_all
+        training.COUNT_HOOK = method.COUNT_HOOK = one_for_all
         try:
             yield out
         finally:
-            training.COUNT_HOOK = None
+            training.COUNT_HOOK = method.COUNT_HOOK = None
     out["flops"] = flops.get_total_flops() + scaled[0]
     out["peak_bytes"] = tracker.peak
 
@@ -103,25 +103,13 @@ class PeakMemory(TorchDispatchMode):
 
 
 def _distill_cost(method, task):
-    """(FLOPs of the whole distillation, iterations, peak bytes of one iteration, the set's stages' sizes)."""
+    """(FLOPs of the whole distillation, iterations, peak bytes, the set). The method's own loop counts each
+    distinct-cost iteration once and scales it (method.COUNT_HOOK), so does a base method it runs."""
     from .method import IterativeMethod
-    if not isinstance(method, IterativeMethod):
-        with _counting() as c:
-            synset = method.distill(task)
-        return c["flops"], 1, c["peak_bytes"], synset
-    method = method.for_task(task)
-    gen = torch.Generator().manual_seed(task.seed)
-    with meta_host_reads():
-        state = method.init_state(task, gen)
-    total, peak = 0, None
-    for it, weight in method.cost_iterations(task):
-        with _counting() as c:
-            method.iteration(task, state, it, gen)
-        total += c["flops"] * weight
-        peak = c["peak_bytes"] if peak is None or c["peak_bytes"] is None else max(peak, c["peak_bytes"])
-    with meta_host_reads():
-        synset = method.result(task, state)
-    return total, method.num_iterations(task), peak, synset
+    with _counting() as c:
+        synset = method.distill(task)
+    iterations = method.for_task(task).num_iterations(task) if isinstance(method, IterativeMethod) else 1
+    return c["flops"], iterations, c["peak_bytes"], synset
 
 
 @functools.lru_cache(maxsize=None)
