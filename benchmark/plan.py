@@ -207,10 +207,13 @@ def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progres
     'distill_s', 'eval_s' when calibrated) and the calibration rates."""
     say = progress or (lambda *_: None)
     repeats = repeats or (2 if str(device).startswith("cuda") else 1)
-    rows = []
-    for cell in cells:
-        say(f"counting {cell.key}")
-        rows.append(count_cell(suite, cell))
+    rows, counted = [], {}
+    for cell in cells:  # the seed changes no shape: each (method, dataset, IPC, variant) is counted once
+        shape = (cell.method, cell.dataset, cell.ipc, cell.variant)
+        if shape not in counted:
+            say(f"counting {cell.key}")
+            counted[shape] = count_cell(suite, cell)
+        rows.append({**counted[shape], "key": cell.key})
     rates = {"method": {}, "eval": {}}
     if calibrate:
         probes = {}
