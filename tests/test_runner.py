@@ -445,3 +445,15 @@ def test_corrupted_cell_records_the_corruption_and_influence_auc(tmp_path):
     assert rec["corruption_weight_corrupted"] > 0 and rec["corruption_weight_clean"] > 0
     from benchmark.leaderboard import corruption_section
     assert any("ROC AUC" in line for line in corruption_section([rec]))
+
+
+def test_gain_over_random_and_reported_table1_rows():
+    """The gain line subtracts random's mean in each column from every ranked row (selection rows are not listed);
+    the IWD paper's Table-1 rows we do not run are reported where their datasets appear."""
+    from benchmark.leaderboard import REPORTED, gain_over_random
+    cols = [("cifar10", 1), ("cifar10", 10)]
+    rows = {"random": {cols[0]: {"mean": 14.0}, cols[1]: {"mean": 26.0}},
+            "herding": {cols[0]: {"mean": 20.0}}, "dc": {cols[0]: {"mean": 28.5}}}
+    lines = gain_over_random(rows, cols)
+    assert "| dc | +14.5 | — |" in lines and not any(line.startswith("| herding") for line in lines)
+    assert REPORTED["MTT"][("cifar10", 10)] == (65.6, 0.7) and ("svhn", 1) not in REPORTED["MTT"]
