@@ -457,3 +457,18 @@ def test_gain_over_random_and_reported_table1_rows():
     lines = gain_over_random(rows, cols)
     assert "| dc | +14.5 | — |" in lines and not any(line.startswith("| herding") for line in lines)
     assert REPORTED["MTT"][("cifar10", 10)] == (65.6, 0.7) and ("svhn", 1) not in REPORTED["MTT"]
+
+
+def test_every_committed_suite_builds_every_cell():
+    """Every suite under benchmark/suites loads, and every cell's method (and the base a method runs) builds its
+    config from the suite's preset, overrides and variant: a typo in a key fails here, not hours into a run."""
+    from benchmark.registry import create_method
+    from benchmark.suites import list_suites, load_suite
+    for name in list_suites():
+        suite = load_suite(name)
+        for cell in suite.cells():
+            m = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
+            if hasattr(m, "base_method"):
+                m.base_method()
+    study = load_suite("iwd-study")
+    assert len(study.cells()) == 108 and len(load_suite("iwd-study-dm10").cells()) == 54
