@@ -20,6 +20,8 @@ from benchmark.device import to_device
 from .ihvp import InfluenceError, SolverConfig, inverse_hvp
 from .kfac import kfac_inverse, woodbury_inverse
 
+SCORE_CHUNK = 128  # instances per double backward of the implicit term's per-instance products (bounds memory)
+
 
 def explicit_scores(step, g, weights):
     """d Dist_g / d w_j for every instance j of group g, at the given weights."""
@@ -31,17 +33,18 @@ def explicit_scores(step, g, weights):
 
 
 def explicit_and_objective_gradient(step, weights):
-    """Explicit scores of every group AND g_M = d (sum_g Dist_g) / d theta (through both statistics) from ONE
-    backward pass: the weights are leaves and the graph of every group's real statistic is built once. What the
-    implicit term needs; the synthetic statistics' graphs are kept for the image update."""
-    ws = [w.detach().clone().requires_grad_(True) for w in weights]
-    total = 0.0
-    for g, w in enumerate(ws):
-        total = total + step.distance(step.syn_stats[g], step.real_statistic(g, w, True))
-    params = list(step.train_params)
-    grads = torch.autograd.grad(total, ws + params, retain_graph=True, allow_unused=True)
-    explicit = [torch.zeros_like(w) if gr is None else gr.detach() for gr, w in zip(grads, ws)]
-    g_m = [torch.zeros_like(p) if gr is None else gr.detach() for gr, p in zip(grads[len(ws):], params)]
+    """Explicit scores of every group AND g_M = d (sum_g Dist_g) / d theta (through both statistics), one backward
+    per group: the group's weights are leaves, its real statistic's graph is built once and freed before the next
+    group's (one group's double-backward graph alive at a time); g_M sums the groups' shares. The synthetic
+    statistics' graphs are kept for the image update."""
+    params, explicit, g_m = list(step.train_params), [], None
+    for g, w in enumerate(weights):
+        w = w.detach().clone().requires_grad_(True)
+        grads = torch.autograd.grad(step.distance(step.syn_stats[g], step.real_statistic(g, w, True)), [w] + params,
+                                    retain_graph=True, allow_unused=True)
+        explicit.append(torch.zeros_like(w) if grads[0] is None else grads[0].detach())
+        share = [torch.zeros_like(p) if gr is None else gr.detach() for gr, p in zip(grads[1:], params)]
+        g_m = share if g_m is None else [a + b for a, b in zip(g_m, share)]
     return explicit, g_m
 
 
@@ -81,11 +84,15 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs,
                               x0)
     info.solution = h
-    w = torch.ones(len(y), dtype=x.dtype, device=x.device, requires_grad=True)
-    grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), step.train_params, create_graph=True)
-    dot = sum((gr * hi).sum() for gr, hi in zip(grads, h))
-    (per_instance,) = torch.autograd.grad(dot, w)
-    return list((-per_instance.detach()).split([len(b.y) for b in step.batches])), info
+    per_instance = []
+    for rows in torch.arange(len(y)).split(SCORE_CHUNK):  # <h, grad l_j> per instance: chunks bound the graph
+        rows = to_device(rows, x.device)
+        w = torch.ones(len(rows), dtype=x.dtype, device=x.device, requires_grad=True)
+        grads = torch.autograd.grad((w * step.instance_loss(x[rows], y[rows])).sum(), step.train_params,
+                                    create_graph=True)
+        (s,) = torch.autograd.grad(sum((gr * hi).sum() for gr, hi in zip(grads, h)), w)
+        per_instance.append(s.detach())
+    return list((-torch.cat(per_instance)).split([len(b.y) for b in step.batches])), info
 
 
 def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None):
