@@ -36,6 +36,7 @@ class Task:
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed since the last one (0: off)
     progress: bool = False
     log_images_every: int = 0
+    cache_dir: Optional[str] = None  # reusable artefacts shared by runs (MTT's expert buffers); None: ~/.cache
 
     def __post_init__(self):
         # the rule: a task's data lives on its device once (cached per device); indices stay CPU-drawn

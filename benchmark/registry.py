@@ -59,6 +59,11 @@ def list_methods(pattern="*"):
 def get_method(name):
     _load_builtins()
     if name not in _METHODS:
+        base = _METHODS.get(name[len("iwd+"):]) if name.startswith("iwd+") else None
+        if base is not None:  # a method IWD does not apply to: say why, not just "unknown"
+            why = getattr(base, "no_iwd", None) or (
+                f"{base.name} does not follow the weighted-statistic protocol (benchmark.protocol.WeightedMatching)")
+            raise BenchmarkError(f"there is no {name}: {why}. IWD variants: {', '.join(list_methods('iwd+*'))}")
         raise unknown_name("method", name, _METHODS)
     return _METHODS[name]
 

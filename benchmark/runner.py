@@ -10,12 +10,12 @@ import dataclasses
 import json
 import os
 import resource
-import socket
 import time
 import traceback
 
 from .errors import BenchmarkError
 from .files import check_writable, read_json, utc_now, write_json_atomic
+from .locks import file_lock, holder_alive
 from .suites import Cell, Suite
 
 CHECKPOINT_MINUTES = 10  # a cell also checkpoints every 10 minutes of wall time: an abrupt stop loses at most that
@@ -35,6 +35,7 @@ class RunOptions:
 class RunPaths:
     def __init__(self, run_root, suite_name):
         self.root = os.path.join(run_root, suite_name)
+        self.cache = os.path.join(run_root, "cache")  # shared by every suite of the run root (MTT's expert buffers)
         self.records = os.path.join(self.root, "records")
         self.checkpoints = os.path.join(self.root, "checkpoints")
         self.sets = os.path.join(self.root, "sets")
@@ -130,7 +131,8 @@ def _setup_cell(suite, cell, paths, opts):
     writer = make_writer(paths.tensorboard if opts.log else None, cell.key)
     every = max(1, getattr(method.config, "iterations", 10) // 10)
     task = Task(ds, cell.ipc, cell.seed, opts.device, writer, paths.checkpoint(cell), checkpoint_every=every,
-                checkpoint_minutes=CHECKPOINT_MINUTES, log_images_every=every if writer is not None else 0)
+                checkpoint_minutes=CHECKPOINT_MINUTES, log_images_every=every if writer is not None else 0,
+                cache_dir=paths.cache)
     return ds, method, task
 
 
@@ -213,69 +215,11 @@ def log_cell(writer, suite, cell, synset, ds, record):
     writer.close()
 
 
-@contextlib.contextmanager
 def cell_lock(paths, cell):
     """One process per cell: two runs of a suite (started twice, or from two machines on a shared disk) must never
-    write the same checkpoint. The lock file names its holder (pid, host, start); a lock whose process is gone (same
-    host) is taken over; otherwise the cell fails with a message naming the holder, and the other cells go on."""
-    path = paths.lock(cell)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "process": _process_identity(os.getpid()),
-          "started": utc_now()}
-    tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
-    with open(tmp, "w") as f:
-        json.dump(me, f)
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, path)  # atomic: fails if the lock exists, and the lock is never seen half-written
-                break
-            except FileExistsError:
-                holder = read_json(path) or {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid"), holder.get("process")):
-                    try:
-                        os.remove(path)  # stale: its process is gone (killed, machine restarted)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise BenchmarkError(
-                    f"cell {cell.key} is being run by pid {holder.get('pid')} on {holder.get('host')} since "
-                    f"{holder.get('started')} (lock {path}); let that run finish it, or, if that process is gone, "
-                    f"delete the lock and rerun") from None
-        else:
-            raise BenchmarkError(f"could not take the lock {path} for cell {cell.key}; rerun")
-    finally:
-        os.remove(tmp)
-    try:
-        yield
-    finally:
-        if (read_json(path) or {}).get("pid") == me["pid"]:
-            os.remove(path)
-
-
-def _process_identity(pid):
-    """Boot id and start time of a process (Linux), so a pid reused after a restart is not taken for the holder."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        with open(f"/proc/{pid}/stat") as f:
-            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22, starttime (after the command name)
-        return f"{boot}/{start}"
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid, identity=None):
-    """Is the lock holder's process still running (this host)? A different identity for the pid means it died and
-    the pid was reused."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: alive, unless its identity says it is another one
-    return identity is None or _process_identity(pid) in (None, identity)
+    write the same checkpoint. A cell held by a live process fails with a message naming the holder, and the other
+    cells go on (benchmark.locks)."""
+    return file_lock(paths.lock(cell), f"cell {cell.key}", "let that run finish it")
 
 
 def suite_status(suite, run_root):
@@ -291,8 +235,7 @@ def suite_status(suite, run_root):
         ck_path = paths.checkpoint(cell)
         record, failed = read_json(paths.record(cell)), read_json(paths.failed(cell))
         holder = read_json(paths.lock(cell))
-        running = holder is not None and (holder.get("host") != socket.gethostname()
-                                          or _alive(holder.get("pid"), holder.get("process")))
+        running = holder is not None and holder_alive(holder)
         progress = []
         if record is None and os.path.exists(ck_path):
             try:

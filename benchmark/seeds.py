@@ -26,3 +26,9 @@ def batchnorm_generator(task_seed, net_index):
 def evaluation_seed(seed, i):
     """The i-th evaluation network of a cell (resuming an evaluation gives exactly the uninterrupted result)."""
     return seed * 1000 + 17 + i
+
+
+def expert_seed(k):
+    """Expert trajectory k of an MTT buffer: its initialisation and data order, shared by every cell and seed (a
+    buffer is trained once and reused, as in the reference)."""
+    return 2_000_000 + k

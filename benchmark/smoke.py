@@ -7,7 +7,8 @@ import dataclasses
 # the loop lengths a tiny run shortens, where a method's config has them (others are left as the preset sets them)
 TINY_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 1,
                   "feature_epochs": 1, "n_data": 64, "num_nets": 1, "solver_max_iter": 3, "batch_real": 16,
-                  "base_set": ("iterations=1",)}
+                  "base_set": ("iterations=1",), "num_experts": 1, "syn_steps": 2,
+                  "stages": 2}
 
 
 def shrunk(config, limits):

@@ -27,6 +27,20 @@ def stage_sizes(ipc, stages):
     return [ipc // p + (1 if k < ipc % p else 0) for k in range(p)]
 
 
+def stage_major(state, task, sizes):
+    """Re-lay a class-major state (C x IPC rows) stage-major, class-major inside each stage; adds 'stage_of'."""
+    order, stage_of, start, n_cls = [], [], 0, task.dataset.num_classes
+    for k, m in enumerate(sizes):
+        for c in range(n_cls):
+            order += list(range(c * task.ipc + start, c * task.ipc + start + m))
+        stage_of += [k] * (m * n_cls)
+        start += m
+    order = torch.tensor(order)  # CPU indices index tensors on any device
+    state["images"], state["labels"] = state["images"][order], state["labels"][order]
+    state["stage_of"] = torch.tensor(stage_of)
+    return state
+
+
 class Progressive:
     """Mixin turning a matching method into its progressive (PDD) version (its evaluation protocol stays the
     base's; the harness evaluates staged sets stage by stage)."""
@@ -45,18 +59,7 @@ class Progressive:
         return it // self.config.iterations
 
     def init_state(self, task, gen):
-        state = super().init_state(task, gen)  # class-major: C x IPC
-        ds, sizes = task.dataset, self._sizes(task)
-        order, stage_of, start = [], [], 0
-        for k, m in enumerate(sizes):  # re-lay as stage-major, class-major inside each stage
-            for c in range(ds.num_classes):
-                order += list(range(c * task.ipc + start, c * task.ipc + start + m))
-            stage_of += [k] * (m * ds.num_classes)
-            start += m
-        order = torch.tensor(order)
-        state["images"], state["labels"] = state["images"][order], state["labels"][order]
-        state["stage_of"] = torch.tensor(stage_of)
-        return state
+        return stage_major(super().init_state(task, gen), task, self._sizes(task))
 
     def trainable_rows(self, task, state, it):
         k = self._stage(task, it)

@@ -12,6 +12,12 @@ if ROOT not in sys.path:
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _expert_cache(tmp_path_factory):
+    """MTT's expert buffers go to a temporary cache, never to the user's ~/.cache."""
+    os.environ["IWD_BENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def digits():
     from benchmark.datasets import get_dataset
