@@ -169,3 +169,21 @@ def test_a_negative_learned_learning_rate_stops_with_advice(digits):
     m = create_method("mtt", None, {**TINY, "lr_lr": 1e3, "iterations": 3})
     with pytest.raises(BenchmarkError, match="learned learning rate fell to .* Lower lr_lr"):
         m.distill(task)
+
+
+def test_plan_times_the_expert_buffer_without_touching_the_users_cache(tmp_path, monkeypatch):
+    """`run.py plan`'s calibration probe trains its experts in a temporary folder (timed like they are counted)
+    and leaves the cache as it was."""
+    import yaml
+
+    from benchmark.plan import calibrate_method
+    from benchmark.suites import load_suite
+    monkeypatch.setenv("IWD_BENCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "datasets": ["digits"], "methods": ["mtt"], "ipc": [1], "seeds": [0], "preset": "reference",
+        "protocol": "mtt-quick", "num_eval": 1, "eval_networks": ["ConvNetD1"], "reduced": True,
+        "overrides": {"mtt": [f"{k}={v}" for k, v in TINY.items()]}, "description": "plan probe test"}))
+    suite = load_suite(str(tmp_path / "p.yaml"))
+    rate, seconds = calibrate_method(suite, suite.cells()[0], "cpu", 1)
+    assert rate > 0 and seconds > 0
+    assert not (tmp_path / "cache").exists()
