@@ -1,7 +1,8 @@
 """Leaderboards in the shape of the IWD paper's Table 1: rows are methods, columns dataset x IPC, cells mean +- std
 (percent) of the final-epoch test accuracy pooled over seeds and evaluation networks; best bold, second underlined
 (selection rows and the Full-Dataset bound excluded from ranking); each IWD row shows its difference from its base
-row and marks it * when a two-sided Welch t-test over the pooled accuracies gives p < 0.05.
+row (over the seeds both rows have) and marks it * when a two-sided Welch t-test over those pooled accuracies
+gives p < 0.05.
 Rows quoted from papers are marked "(reported)" and never ranked with measured rows.
 """
 import csv
@@ -101,7 +102,7 @@ def build_table(records, methods_order=None, network=None):
     for name in names:
         rows[name] = {}
         for col in cols:
-            accs = []
+            accs, by_seed = [], {}
             for r in records:
                 if _row_name(r) != name or r["dataset"] != col[0]:
                     continue
@@ -110,15 +111,23 @@ def build_table(records, methods_order=None, network=None):
                 ev = r["evaluations"].get(network) if network else r["accuracy"]
                 if ev:
                     accs += [100 * a for a in ev["accuracies"]]
+                    by_seed.setdefault(r["seed"], []).extend(100 * a for a in ev["accuracies"])
             if accs:
-                rows[name][col] = {**summarize(accs), "accs": accs}
+                rows[name][col] = {**summarize(accs), "accs": accs, "by_seed": by_seed}
     bases = {_row_name(r): _base_row(r, rows) for r in records}
     for name in rows:  # IWD and prune-then-distill rows: difference from their base method's row, significance
         base = bases.get(name)
         if base:
             for col, cell in rows[name].items():
-                if col in rows[base]:
-                    cell["diff"], cell["p"] = welch_test(cell["accs"], rows[base][col]["accs"])
+                if col in rows[base]:  # over the seeds both rows have (a partly run suite must not compare
+                    other = rows[base][col]["by_seed"]  # one seed with another's three)
+                    common = sorted(set(cell["by_seed"]) & set(other))
+                    if not common:
+                        continue
+                    cell["diff"], cell["p"] = welch_test([a for k in common for a in cell["by_seed"][k]],
+                                                         [a for k in common for a in other[k]])
+                    if len(common) < max(len(cell["by_seed"]), len(other)):
+                        cell["diff_seeds"] = len(common)
     for col in cols:  # ranks among distillation rows
         ranked = sorted((c[col]["mean"], n) for n, c in rows.items()
                         if col in c and _trait(n.split("@")[0], "ranked"))
@@ -138,7 +147,9 @@ def _fmt(cell, style):
         s = f"<u>{s}</u>" if style == "md" else f"\\underline{{{s}}}"
     if "diff" in cell:
         star = "*" if cell["p"] == cell["p"] and cell["p"] < 0.05 else ""
-        s += f" ({cell['diff']:+.1f}{star})" if style != "tex" else f" ({cell['diff']:+.1f}{star})"
+        on = f" on {cell['diff_seeds']} common seed{'s' if cell['diff_seeds'] > 1 else ''}" \
+            if cell.get("diff_seeds") else ""
+        s += f" ({cell['diff']:+.1f}{star}{on})"
     return s
 
 
@@ -218,7 +229,8 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         "",
         f"Final-epoch test accuracy (%), mean ± std over {len(seeds)} seed(s) x {', '.join(map(str, nets))} "
         f"evaluation network(s), pooled. In IWD and prune-then-distill rows, (+d) is the difference from the base "
-        f"method's row; * marks p < 0.05 (two-sided Welch t-test over the pooled accuracies). Best **bold**, "
+        f"method's row over the seeds both rows have ('on k common seeds' where a row has others too); * marks "
+        f"p < 0.05 (two-sided Welch t-test over those pooled accuracies). Best **bold**, "
         f"second <u>underlined</u> among distillation rows (selection rows and Full Dataset not ranked). Rows marked "
         f"(reported) are published numbers under the references' full protocols, not measured here.",
         "",

@@ -459,6 +459,27 @@ def test_gain_over_random_and_reported_table1_rows():
     assert REPORTED["MTT"][("cifar10", 10)] == (65.6, 0.7) and ("svhn", 1) not in REPORTED["MTT"]
 
 
+def test_an_iwd_row_is_compared_with_its_base_over_the_seeds_both_have():
+    """A partly run suite: the base has seeds 0-2, the IWD row seed 0 only. The difference is seed 0's (not one seed
+    against three), and the table says so."""
+    from benchmark.leaderboard import _fmt, build_table
+
+    def rec(method, seed, accs):
+        return {"method": method, "dataset": "digits", "ipc": 1, "seed": seed, "variant": "",
+                "accuracy": {"accuracies": accs}, "evaluations": {}}
+    records = [rec("dc", 0, [0.60, 0.61]), rec("dc", 1, [0.70, 0.71]), rec("dc", 2, [0.72, 0.73]),
+               rec("iwd+dc", 0, [0.64, 0.65])]
+    _, rows = build_table(records)
+    cell = rows["iwd+dc"][("digits", 1)]
+    assert cell["diff"] == pytest.approx(4.0) and cell["diff_seeds"] == 1
+    text = _fmt(cell, "md")
+    assert "(+4.0" in text and text.endswith("on 1 common seed)")
+    records.append(rec("iwd+dc", 1, [0.70, 0.71]))
+    records.append(rec("iwd+dc", 2, [0.72, 0.73]))
+    _, rows = build_table(records)
+    assert "diff_seeds" not in rows["iwd+dc"][("digits", 1)]
+
+
 def test_every_committed_suite_builds_every_cell():
     """Every suite under benchmark/suites loads, and every cell's method (and the base a method runs) builds its
     config from the suite's preset, overrides and variant: a typo in a key fails here, not hours into a run."""
