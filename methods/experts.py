@@ -67,7 +67,7 @@ def new_network(task, spec, seed):
 
 
 def flat_params(net):
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+    return torch.nn.utils.parameters_to_vector(net.parameters()).detach()
 
 
 def load_flat(net, flat):
@@ -80,19 +80,19 @@ def load_flat(net, flat):
 
 def expert_trajectory(task, spec, k, epochs):
     """Expert k's flat parameters at initialisation and after each of `epochs` epochs (a list of epochs + 1 tensors
-    on the task's device), trained now if the buffer holds fewer epochs."""
+    on the host: a caller moves the ones it uses), trained now if the buffer holds fewer epochs."""
     if str(task.device) == "meta":  # shapes only (the device guard, plan's counting): nothing trains or is stored
         return [flat_params(new_network(task, spec, seeds.expert_seed(k)))] * (epochs + 1)
     folder = buffer_dir(task, spec)
     path = os.path.join(folder, f"expert_{k:04d}.pt")
     stored = _read(path, spec)
     if stored is not None and len(stored["params"]) > epochs:
-        return [p.to(task.device) for p in stored["params"][:epochs + 1]]
+        return stored["params"][:epochs + 1]
     with file_lock(path + ".lock", f"expert {k} of {folder}", "let that run finish it", wait_s=24 * 3600):
         stored = _read(path, spec)  # another process may have trained it while this one waited
         if stored is None or len(stored["params"]) <= epochs:
             stored = _train(task, spec, k, epochs, path, stored)
-    return [p.to(task.device) for p in stored["params"][:epochs + 1]]
+    return stored["params"][:epochs + 1]
 
 
 @functools.lru_cache(maxsize=8)

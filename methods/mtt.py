@@ -33,7 +33,7 @@ from benchmark.synthetic import SyntheticSet
 from .dc import QUICK_NET
 from .experts import ExpertSpec, buffer_dir, build_expert, expert_trajectory, new_network
 from .matching import init_images
-from .pdd import stage_major, stage_sizes
+from .pdd import Progressive
 
 # (syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, batch_syn or None)
 CIFAR10_TABLE = {1: (50, 2, 2, 1000.0, 1e-7, None), 10: (30, 2, 20, 1000.0, 1e-5, None),
@@ -143,18 +143,18 @@ class MTT(IterativeMethod):
                 "syn_lr": torch.tensor(self.config.lr_teacher, device=task.device), "opt_lr": None}
 
     def trainable_rows(self, task, state, it):
-        """[start, stop): the rows optimised at iteration `it`; the student trains on rows [0, stop)."""
-        return 0, len(state["images"])
+        """(start, stop, per_class): the rows optimised at iteration `it`; the student trains on rows [0, stop)."""
+        return 0, len(state["images"]), task.ipc
 
     def iteration(self, task, state, it, gen):
         c = self.config
         spec, lo_hi = self.expert_spec(task), self.start_window(task, it)
         k = int(torch.randint(c.num_experts, (1,), generator=gen))
         t = int(torch.randint(lo_hi[0], lo_hi[1], (1,), generator=gen))
-        trajectory = expert_trajectory(task, spec, k, self.expert_epochs_needed(task))
-        start_params, target = trajectory[t], trajectory[t + c.expert_epochs]
+        trajectory = expert_trajectory(task, spec, k, self.expert_epochs_needed(task))  # on the host
+        start_params, target = trajectory[t].to(task.device), trajectory[t + c.expert_epochs].to(task.device)
 
-        first, stop = self.trainable_rows(task, state, it)
+        first, stop, _ = self.trainable_rows(task, state, it)
         leaf = state["images"][first:stop].clone().requires_grad_(True)
         syn_lr = state["syn_lr"].clone().requires_grad_(True)
         opt_img = torch.optim.SGD([leaf], lr=c.lr_img, momentum=c.momentum_img)
@@ -229,7 +229,7 @@ class PDDMTTConfig(MTTConfig):
 
 
 @register_method("pdd-mtt")
-class PDDMTT(MTT):
+class PDDMTT(Progressive, MTT):
     """PDD over MTT: P stages (default 5), each distilling its own images per class for `iterations` iterations
     while earlier stages stay frozen; the student trains on all stages so far. Stage k draws its start epochs from
     [k * max_start_epoch, (k + 1) * max_start_epoch): later stages match later training. The per-stage IPC picks
@@ -240,37 +240,9 @@ class PDDMTT(MTT):
     presets = {"cpu": {**MTT.presets["cpu"], "iterations": 100},
                "quick": {**MTT.presets["quick"], "iterations": 50}}
 
-    def _sizes(self, task):
-        return stage_sizes(task.ipc, self.config.stages)
-
     def _table_ipc(self, task):
         return self._sizes(task)[0]
 
-    def num_iterations(self, task):
-        return len(self._sizes(task)) * self.config.iterations
-
-    def _stage(self, it):
-        return it // self.config.iterations
-
     def start_window(self, task, it):
-        lo = self._stage(it) * self.config.max_start_epoch
+        lo = self._stage(task, it) * self.config.max_start_epoch
         return lo, lo + self.config.max_start_epoch
-
-    def init_state(self, task, gen):
-        return stage_major(super().init_state(task, gen), task, self._sizes(task))
-
-    def trainable_rows(self, task, state, it):
-        rows = torch.nonzero(state["stage_of"] == self._stage(it)).flatten()
-        return int(rows[0]), int(rows[-1]) + 1
-
-    def iteration(self, task, state, it, gen):
-        if it % self.config.iterations == 0:
-            state["opt_img"] = None  # a new stage starts with fresh image momentum
-        out = super().iteration(task, state, it, gen)
-        out["stage"] = float(self._stage(it))
-        return out
-
-    def result(self, task, state):
-        base = super().result(task, state)
-        base.extras.update(stages=self._sizes(task), stage_of=state["stage_of"].clone())
-        return base
