@@ -129,7 +129,8 @@ def section_peak(s, ds):
 # distillation iterations
 
 BASES = ("dc", "dsa", "dm", "idc", "pdd")
-IMPLICIT_BASES = ("idc", "pdd")  # inner training on real data: IWD adds the implicit term
+IMPLICIT_BASES = ("idc", "pdd")
+GRADIENT_MATCHING = ("dc", "dsa", "idc", "pdd")  # IWD's scores come from per-instance gradients (benchmark.per_instance)  # inner training on real data: IWD adds the implicit term
 # IDC/PDD iterations at the reference are 100 matching steps with network training between (minutes on a CPU);
 # the bench caps the steps per iteration and reports seconds per matching step for them.
 STEP_CAP = {"idc": 4, "pdd": 4}
@@ -173,6 +174,9 @@ def section_iterations(s, ds):
                    "iwd_ratio": r1["s_per_iteration"] / r0["s_per_iteration"],
                    "influence_share": r1["influence_s"] / r1["s_per_iteration"],
                    "note": f"inner_loop={over['inner_loop']} (cap)" if "inner_loop" in over else ""}
+            if base in GRADIENT_MATCHING:  # the baseline: autograd's double backward, no per-instance gradients
+                rb = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "per_instance": False})
+                row["iwd_double_backward_ratio"] = rb["s_per_iteration"] / r0["s_per_iteration"]
             if base in IMPLICIT_BASES:  # the implicit term with the exact Hessian, and GN solved directly (Woodbury)
                 r2 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "curvature": "hessian"})
                 row["iwd_hessian_ratio"] = r2["s_per_iteration"] / r0["s_per_iteration"]
@@ -574,6 +578,8 @@ def report_markdown(res, command):
                   _table(sec["iterations"], [("setting", "setting"), ("method", "method"),
                                              ("matching steps", "matching_steps"), ("X s/it", "s_per_iteration"),
                                              ("iwd+X s/it", "iwd_s_per_iteration"), ("IWD ratio", "iwd_ratio"),
+                                             ("IWD ratio, double backward (before #18)",
+                                              "iwd_double_backward_ratio"),
                                              ("influence share of iwd+X", "influence_share"),
                                              ("IWD ratio, exact Hessian", "iwd_hessian_ratio"),
                                              ("IWD ratio, Woodbury GN", "iwd_woodbury_ratio"), ("note", "note")]), ""]

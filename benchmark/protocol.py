@@ -58,6 +58,12 @@ class MatchingStep:
         of their mean over the step's real batches is the one the implicit term inverts.
     instance_outputs(x), output_loss(z, y) -> the network's outputs (logits) and the per-instance loss of outputs, with
         instance_loss(x, y) = output_loss(instance_outputs(x), y): what the Gauss-Newton curvature needs (optional).
+    instance_gradients(g) -> benchmark.per_instance.InstanceGradients of group g's real batch, when Phi_real is a
+        weighted gradient, Phi_real(w) = sum_j w_j grad l_j (gradient matching), and the network's layers allow
+        per-instance gradients from one pass (optional): scores and the statistic at any weights are then matrix
+        products, with no further pass over the real batch.
+    real_stats -> (weights, [Phi_real_g at those weights]) when instance_weights computed the statistics on its way
+        (from instance_gradients); matching_loss uses them for exactly those weights instead of another pass.
     """
     iteration: int
     params: List[torch.Tensor]
@@ -70,6 +76,8 @@ class MatchingStep:
     train_params: Optional[List[torch.Tensor]] = None
     instance_outputs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     output_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    instance_gradients: Optional[Callable[[int], object]] = None
+    real_stats: Optional[tuple] = None
     writer: object = None
     local_step: int = 0      # index of this matching step within the iteration (0 = first)
     context: Optional[IterationContext] = None  # None: a step outside any iteration (a test, a one-off score)
@@ -104,8 +112,10 @@ class WeightedMatching:
     def matching_loss(self, step: MatchingStep, weights=None):
         """sum_g Dist(Phi_syn_g, Phi_real_g(w_g)); the real statistic carries no graph (as in the references)."""
         weights = weights if weights is not None else self.instance_weights(step)
+        known = step.real_stats[1] if step.real_stats is not None and step.real_stats[0] is weights else None
         total = 0.0
         for g, (syn, w) in enumerate(zip(step.syn_stats, weights)):
-            real = [r.detach() for r in step.real_statistic(g, w.detach(), False)]
+            real = known[g] if known is not None else step.real_statistic(g, w.detach(), False)
+            real = [r.detach() for r in real]
             total = total + step.distance(syn, real)
         return total

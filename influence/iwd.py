@@ -28,7 +28,7 @@ from benchmark.protocol import IterationContext, WeightedMatching, uniform_weigh
 from benchmark.registry import register_method
 
 from .ihvp import CURVATURES, SolverConfig
-from .scores import step_scores
+from .scores import step_scores, weigh_by_explicit_scores
 
 
 @dataclass
@@ -52,6 +52,10 @@ class IWDOptions:
     hessian_batch: int = 128      # real instances H is estimated on (0: the whole real batch of the step; 128
                                   # evenly spaced ones: a stochastic estimate, ~4x cheaper at IDC settings)
     track_beta: float = 0.9       # EMA factor of the per-instance score tracking
+    per_instance: bool = True     # per-instance gradients from one pass where the network allows (benchmark.
+                                  # per_instance): explicit scores with no double backward, the real statistic reused,
+                                  # the implicit term's products as matrix products. False: autograd's double
+                                  # backward everywhere (the pre-#18 path; same scores to rounding)
     warm_start: bool = False      # CG starts from the previous matching step's solution (the same network a few
                                   # SGD steps later). Measured NOT to pay (results/warm-start/bench.md: ranks worse
                                   # than cold CG at equal iterations), so off
@@ -190,7 +194,19 @@ def influence_weighted(cls=None, *, name=None):
                                hessian_batch=c.hessian_batch, curvature=c.curvature)
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
             x0 = ctx.memory.get("solution") if c.warm_start else None
-            scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0)
+            weigh = lambda s: influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top,  # noqa: E731
+                                                c.trim_bottom)
+            explicit_only = implicit is False or (implicit is None and step.inner_data != "real")
+            if explicit_only and c.per_instance and step.instance_gradients is not None:
+                # per-instance gradients: scores, weights and the real statistic at those weights in one pass per
+                # group. At the weighting's limit the base's own statistic is used, so the set is the base's bit for bit
+                scores, weights, stats = weigh_by_explicit_scores(step, weigh, statistics=not self._at_limit())
+                info = {"implicit": False}
+                if stats is not None:
+                    step.real_stats = (weights, stats)
+            else:
+                scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0, c.per_instance)
+                weights = None
             ctx.memory["solution"] = info.get("solution")
             if info.get("implicit"):
                 ctx.memory["damping"] = info["solver_damping"] / cfg.damping_growth
@@ -198,8 +214,8 @@ def influence_weighted(cls=None, *, name=None):
             ctx.checks.append((finite, (step.iteration, step.local_step, info.get("solver_note") or "")))
             if step.context is None:
                 _raise_if_nonfinite(self.name, ctx.checks)
-            weights = [influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top, c.trim_bottom)
-                       for s in scores]
+            if weights is None:
+                weights = [weigh(s) for s in scores]
             if "influence_ema" in ctx.state:
                 track_scores(ctx.state, step, scores, weights, c.track_beta)
             stats = ctx.stats
@@ -220,6 +236,11 @@ def influence_weighted(cls=None, *, name=None):
                 log_histogram(step.writer, "iwd/scores", torch.cat(scores), step.iteration)
                 log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
             return weights
+
+        def _at_limit(self):
+            """Whether the weighting gives the base method's uniform weights whatever the scores."""
+            c = self.config
+            return math.isinf(c.tau) or (c.weighting == "trim" and c.trim_top == 0 and c.trim_bottom == 0)
 
         def finish_iteration(self, context):
             out = super().finish_iteration(context)

@@ -21,38 +21,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmark.per_instance import (UnsupportedLayers, block_rows, capture, flatten, layer_blocks, output_grads,
+                                    unflatten)
+
 from .ihvp import InfluenceError, SolveInfo
 
-KRONECKER = (nn.Conv2d, nn.Linear)
-
-
 def _blocks(net, params):
-    """[(module, kind)] covering every parameter in params, kind 'kron' (Conv2d/Linear: its weight, and its bias when
-    that is among params; 'kron-nobias' otherwise) or 'diag' (GroupNorm: weight and bias)."""
-    wanted = {id(p) for p in params}
-    blocks, covered = [], set()
-    for m in net.modules():
-        own = [p for p in m.parameters(recurse=False) if id(p) in wanted]
-        if not own:
-            continue
-        if isinstance(m, KRONECKER) and id(m.weight) in wanted and getattr(m, "groups", 1) == 1 \
-                and getattr(m, "padding_mode", "zeros") == "zeros":
-            blocks.append((m, "kron" if m.bias is not None and id(m.bias) in wanted else "kron-nobias"))
-        elif isinstance(m, nn.GroupNorm) and len(own) == 2:
-            blocks.append((m, "diag"))
-        else:
-            continue
-        covered |= {id(p) for p in own}
-    missing = [tuple(p.shape) for p in params if id(p) not in covered]
-    if missing:
-        raise InfluenceError(f"curvature kfac/ekfac and solver woodbury cover Conv2d (groups 1, zero padding), Linear "
-                             f"and GroupNorm parameters; this network also trains parameters of shapes {missing}. "
-                             f"Use curvature=gauss-newton with solver=cg.")
-    return blocks
+    try:
+        return layer_blocks(net, params)
+    except UnsupportedLayers as e:
+        raise InfluenceError(f"curvature kfac/ekfac and solver woodbury: {e}. Use curvature=gauss-newton with "
+                             f"solver=cg.") from None
 
 
 def _patches(m, kind, a):
-    """Layer inputs as rows (n, T, in'): one per output location, with a ones column for a trained bias."""
+    """K-FAC's layout of a layer's inputs: rows (n, T, in'), one per output location, with a ones column for a
+    trained bias."""
     if isinstance(m, nn.Conv2d):
         a = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride).transpose(1, 2)
     else:
@@ -63,95 +47,58 @@ def _patches(m, kind, a):
 
 
 def _pseudo_gradients(net, x, params):
-    """(blocks, layer inputs, iterator over k of per-block output gradients g_k): one forward, C backwards."""
+    """(blocks, raw layer inputs, iterator over k of raw per-block output gradients g_k): one forward, C
+    backwards."""
     blocks = _blocks(net, params)
-    inputs, outputs = {}, {}
-
-    def keep(m, inp, out):
-        inputs[m], outputs[m] = inp[0].detach(), out
-    hooks = [m.register_forward_hook(keep) for m, _ in blocks]
-    try:
-        z = net(x)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    z, inputs, outs = capture(net, x, blocks)
     n, classes = z.shape
     p = torch.softmax(z.detach().double(), 1).to(z.dtype)
-    outs = [outputs[m] for m, _ in blocks]
-    xin = {m: (F.group_norm(inputs[m], m.num_groups, eps=m.eps) if kind == "diag" else _patches(m, kind, inputs[m]))
-           for m, kind in blocks}
 
     def per_class():
         for k in range(classes):
             r = p[:, k:k + 1].sqrt() * (F.one_hot(torch.full((n,), k, device=z.device), classes).to(z.dtype) - p)
-            grads = torch.autograd.grad(z, outs, grad_outputs=r, retain_graph=k < classes - 1)
-            yield [(g.flatten(2).transpose(1, 2) if g.dim() == 4 else g.reshape(n, 1, -1)) if kind != "diag" else g
-                   for (m, kind), g in zip(blocks, grads)]
-    return blocks, xin, per_class()
+            yield output_grads(z, outs, r, retain_graph=k < classes - 1)
+    return blocks, inputs, per_class()
 
 
-def _per_instance(kind, a, g):
-    """Per-instance gradient of a block, flat (n, d): [W b] row-major for kron, [weight, bias] for GroupNorm."""
-    if kind != "diag":
-        return torch.einsum("nto,nti->noi", g, a).flatten(1)
-    return torch.cat([(g * a).flatten(2).sum(2), g.flatten(2).sum(2)], 1)
-
-
-def _flat(m, kind, v, index):
-    """The block's slice of a parameter-shaped list, in _per_instance's layout."""
-    vw = v[index[id(m.weight)]]
-    if kind != "diag":
-        vw = vw.reshape(vw.shape[0], -1)
-        return (torch.cat([vw, v[index[id(m.bias)]].reshape(-1, 1)], 1) if kind == "kron" else vw).reshape(-1)
-    return torch.cat([vw.reshape(-1), v[index[id(m.bias)]].reshape(-1)])
-
-
-def _unflat(m, kind, flat, h, index):
-    w, b = m.weight, m.bias
-    if kind != "diag":
-        mat = flat.reshape(w.shape[0], -1)
-        h[index[id(w)]] = mat[:, :w[0].numel()].reshape(w.shape)
-        if kind == "kron":
-            h[index[id(b)]] = mat[:, -1].reshape(b.shape)
-    else:
-        h[index[id(w)]], h[index[id(b)]] = flat[:w.numel()].view_as(w), flat[w.numel():].view_as(b)
+def _rows(g, kind):
+    """An output gradient in K-FAC's layout (n, T, out)."""
+    return g.flatten(2).transpose(1, 2) if g.dim() == 4 else g.reshape(len(g), 1, -1)
 
 
 def kfac_inverse(net, x, params, v, damping, eigen_correct=False):
     """h ~ (GN + damping I)^{-1} v (K-FAC, or EK-FAC with eigen_correct) for the mean cross-entropy of net over x.
     Returns (h as a list shaped like params, SolveInfo)."""
     params = list(params)
-    blocks, xin, grads = _pseudo_gradients(net, x, params)
+    blocks, inputs, grads = _pseudo_gradients(net, x, params)
     n = len(x)
-    second = {m: 0.0 for m, _ in blocks}  # G factors (kron) or squared per-instance gradients (diag)
-    g_rows = {m: [] for m, _ in blocks}   # per-class output gradients (EK-FAC needs them in the eigenbasis)
+    second = [0.0] * len(blocks)         # G factors (kron) or squared per-instance gradients (diag)
+    g_rows = [[] for _ in blocks]        # per-class output gradients (EK-FAC needs them in the eigenbasis)
     for gk in grads:
-        for (m, kind), g in zip(blocks, gk):
+        for i, ((m, kind), g) in enumerate(zip(blocks, gk)):
             if kind != "diag":
-                second[m] = second[m] + torch.einsum("nto,ntp->op", g, g) / n
+                g = _rows(g, kind)
+                second[i] = second[i] + torch.einsum("nto,ntp->op", g, g) / n
                 if eigen_correct:
-                    g_rows[m].append(g)
+                    g_rows[i].append(g)
             else:
-                second[m] = second[m] + (_per_instance(kind, xin[m], g) ** 2).sum(0) / n
-    index = {id(q): i for i, q in enumerate(params)}
-    h = [None] * len(params)
-    for m, kind in blocks:
-        vm = _flat(m, kind, v, index)
+                second[i] = second[i] + (block_rows(m, kind, inputs[i], g) ** 2).sum(0) / n
+    sols = []
+    for i, ((m, kind), vm) in enumerate(zip(blocks, flatten(blocks, params, v))):
         if kind == "diag":
-            _unflat(m, kind, vm / (second[m] + damping), h, index)
+            sols.append(vm / (second[i] + damping))
             continue
-        a = xin[m]
+        a = _patches(m, kind, inputs[i])
         alpha, qa = torch.linalg.eigh(torch.einsum("nti,ntj->ij", a, a).double() / (a.shape[0] * a.shape[1]))
-        gamma, qg = torch.linalg.eigh(second[m].double())
+        gamma, qg = torch.linalg.eigh(second[i].double())
         if eigen_correct:  # exact second moments of the per-instance pseudo-gradients in the Kronecker eigenbasis
             a_e = a.double() @ qa
-            scale = sum(torch.einsum("nto,nti->noi", g.double() @ qg, a_e).pow(2).sum(0) for g in g_rows[m]) / n
+            scale = sum(torch.einsum("nto,nti->noi", g.double() @ qg, a_e).pow(2).sum(0) for g in g_rows[i]) / n
         else:
             scale = gamma.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
         vm = vm.reshape(m.weight.shape[0], -1).double()
-        sol = qg @ ((qg.T @ vm @ qa) / (scale + damping)) @ qa.T
-        _unflat(m, kind, sol.to(x.dtype).reshape(-1), h, index)
-    return h, SolveInfo("ekfac" if eigen_correct else "kfac", damping=damping)
+        sols.append((qg @ ((qg.T @ vm @ qa) / (scale + damping)) @ qa.T).to(x.dtype).reshape(-1))
+    return unflatten(blocks, params, sols), SolveInfo("ekfac" if eigen_correct else "kfac", damping=damping)
 
 
 def woodbury_inverse(net, x, params, v, damping):
@@ -159,18 +106,15 @@ def woodbury_inverse(net, x, params, v, damping):
     if damping <= 0:
         raise InfluenceError("the Woodbury solve needs damping > 0")
     params = list(params)
-    blocks, xin, grads = _pseudo_gradients(net, x, params)
+    blocks, inputs, grads = _pseudo_gradients(net, x, params)
     n = len(x)
     # U^T as rows (k, i), one column block per layer: per-instance pseudo-gradients
-    u = [torch.cat(rows) for rows in zip(*[[_per_instance(kind, xin[m], g) for (m, kind), g in zip(blocks, gk)]
+    u = [torch.cat(rows) for rows in zip(*[[block_rows(m, kind, a, g) for (m, kind), a, g in zip(blocks, inputs, gk)]
                                            for gk in grads])]
-    index = {id(q): i for i, q in enumerate(params)}
-    vb = [_flat(m, kind, v, index) for m, kind in blocks]
+    vb = flatten(blocks, params, v)
     gram = sum(b @ b.T for b in u).double()
     gram.diagonal().add_(n * damping)
     z = torch.cholesky_solve(sum(b @ t for b, t in zip(u, vb)).double()[:, None], torch.linalg.cholesky(gram))
     z = z[:, 0].to(x.dtype)
-    h = [None] * len(params)
-    for (m, kind), b, t in zip(blocks, u, vb):
-        _unflat(m, kind, (t - b.T @ z) / damping, h, index)
-    return h, SolveInfo("woodbury", damping=damping)
+    return unflatten(blocks, params, [(t - b.T @ z) / damping for b, t in zip(u, vb)]), \
+        SolveInfo("woodbury", damping=damping)

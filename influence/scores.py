@@ -6,7 +6,10 @@ information the synthetic set does not yet match); IWD gives such instances larg
 
 Explicit term (eq. 24): <grad_2 Dist, d Phi_real / d w_j>, for all j of a group in O(1) passes: w is a leaf,
 Phi_real(w) is built with create_graph, and one backward of Dist gives every d Dist / d w_j (for gradient matching
-that is a double backward through the real batch).
+that is a double backward through the real batch). Faster where the step offers per-instance gradients g_j
+(gradient matching, Phi_real(w) = sum_j w_j g_j; benchmark.per_instance): one forward and one backward give every
+g_j, then d Dist / d w_j = <grad_2 Dist, g_j> and Phi_real at the new weights are matrix products
+(`weigh_by_explicit_scores`): no double backward, and no second pass for the matching step's real statistic.
 
 Implicit term (eq. 25, inner training on real data): u_j = -H^{-1} grad l_j, so
 I_j(implicit) = <g_M, u_j> = -<H^{-1} g_M, grad l_j>, with g_M the total derivative of M wrt theta (through both
@@ -15,6 +18,7 @@ statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step (H: the exact
 """
 import torch
 
+from benchmark import per_instance
 from benchmark.device import to_device
 
 from .ihvp import InfluenceError, SolverConfig, inverse_hvp
@@ -30,6 +34,24 @@ def explicit_scores(step, g, weights):
     syn = [s.detach() for s in step.syn_stats[g]]
     (scores,) = torch.autograd.grad(step.distance(syn, real), w)
     return scores.detach()
+
+
+def weigh_by_explicit_scores(step, weigh, statistics=True):
+    """Group by group, from group g's per-instance gradients (step.instance_gradients): explicit scores at uniform
+    weights, the weights weigh(scores) gives, and (statistics) Phi_real_g at those weights. Only one group's
+    per-instance gradients are alive at a time. Returns (scores, weights, statistics or None)."""
+    scores, weights, stats = [], [], []
+    for g, b in enumerate(step.batches):
+        grads = step.instance_gradients(g)
+        uniform = torch.full((len(b.y),), 1.0 / len(b.y), dtype=b.x.dtype, device=b.x.device)
+        real = [t.detach().requires_grad_(True) for t in grads.weighted_sum(uniform)]
+        syn = [s.detach() for s in step.syn_stats[g]]
+        v = torch.autograd.grad(step.distance(syn, real), real, allow_unused=True)
+        scores.append(grads.dot([torch.zeros_like(r) if d is None else d for d, r in zip(v, real)]).detach())
+        weights.append(weigh(scores[-1]))
+        if statistics:
+            stats.append([t.detach() for t in grads.weighted_sum(weights[-1])])
+    return scores, weights, (stats if statistics else None)
 
 
 def explicit_and_objective_gradient(step, weights):
@@ -53,10 +75,11 @@ def objective_gradient(step, weights):
     return explicit_and_objective_gradient(step, weights)[1]
 
 
-def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
+def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None, per_instance_grads=True):
     """-<(H + damping I)^{-1} g_M, grad l_j> for every instance of every group (one iHVP for the whole step; x0:
-    a CG warm start, e.g. the previous matching step's solution). Returns (list of per-group score tensors,
-    SolveInfo; info.solution is h)."""
+    a CG warm start, e.g. the previous matching step's solution). The products <h, grad l_j> come from per-instance
+    gradients where the network allows (per_instance_grads), else from a double backward per chunk. Returns (list
+    of per-group score tensors, SolveInfo; info.solution is h)."""
     if step.instance_loss is None:
         raise ValueError("implicit influence needs step.instance_loss (inner training on real data)")
     x = torch.cat([b.x for b in step.batches])
@@ -84,18 +107,24 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None):
         h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs,
                               x0)
     info.solution = h
-    per_instance = []
-    for rows in torch.arange(len(y)).split(SCORE_CHUNK):  # <h, grad l_j> per instance: chunks bound the graph
+    net, products = step.instance_outputs, []
+    fast = per_instance_grads and isinstance(net, torch.nn.Module) and step.output_loss is not None and \
+        per_instance.supports(net, step.train_params)
+    for rows in torch.arange(len(y)).split(SCORE_CHUNK):  # <h, grad l_j> per instance: chunks bound memory
         rows = to_device(rows, x.device)
+        if fast:  # per-instance gradients from one forward and one backward
+            grads = per_instance.output_loss_gradients(net, x[rows], y[rows], step.train_params, step.output_loss)
+            products.append(grads.dot(h).detach())
+            continue
         w = torch.ones(len(rows), dtype=x.dtype, device=x.device, requires_grad=True)
         grads = torch.autograd.grad((w * step.instance_loss(x[rows], y[rows])).sum(), step.train_params,
                                     create_graph=True)
         (s,) = torch.autograd.grad(sum((gr * hi).sum() for gr, hi in zip(grads, h)), w)
-        per_instance.append(s.detach())
-    return list((-torch.cat(per_instance)).split([len(b.y) for b in step.batches])), info
+        products.append(s.detach())
+    return list((-torch.cat(products)).split([len(b.y) for b in step.batches])), info
 
 
-def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None):
+def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None, per_instance_grads=True):
     """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real
     data (or when implicit=True). Returns (per-group scores, info dict; info['solution']: the iHVP solution)."""
     info = {"implicit": False}
@@ -103,7 +132,7 @@ def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=No
     if not use_implicit:  # group by group: only one group's real graph alive at a time
         return [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))], info
     explicit, g_m = explicit_and_objective_gradient(step, weights)
-    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0)
+    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0, per_instance_grads)
     info.update(implicit=True, solution=solve.solution, solver=solve.solver, solver_iterations=solve.iterations, solver_residual=solve.residual,
                 solver_converged=solve.converged, solver_note=solve.note, solver_damping=solve.damping)
     return [e + i for e, i in zip(explicit, imp)], info

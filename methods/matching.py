@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark import seeds
+from benchmark import per_instance, seeds
 from benchmark.augment import DSA, strategy_for
 from benchmark.device import to_device
 from benchmark.method import IterativeMethod
@@ -259,6 +259,9 @@ class GradientMatching(MatchingMethod):
                             distance=lambda s, r: match_distance(s, r, metric), syn_stats=syn_stats,
                             inner_data=self.inner_data, writer=task.writer,
                             train_params=[p for p in net.parameters() if p.requires_grad])
+        if per_instance.supports(net, params):  # Phi_real(w) = sum_j w_j grad CE_j: per-instance gradients, one pass
+            step.instance_gradients = lambda g: per_instance.output_loss_gradients(
+                net, augment(g, batches[g].x), batches[g].y, params, per_instance.cross_entropy)
         if self.inner_data == "real":  # the network trains on real data: per-instance CE at theta_t (un-augmented)
             step.instance_outputs = net
             step.output_loss = lambda z, y: F.cross_entropy(z, y, reduction="none")

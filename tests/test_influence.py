@@ -1,4 +1,5 @@
 """Influence math against independent references: finite differences, dense Hessians, actual retraining."""
+import dataclasses
 import math
 import os
 
@@ -330,8 +331,18 @@ def test_tau_infinity_reproduces_base_method_exactly(digits, task_of):
     base = create_method("dc", None, over).distill(task_of(digits, 1, 3))
     iwd = create_method("iwd+dc", None, over + ["tau=inf"]).distill(task_of(digits, 1, 3))
     assert torch.equal(base.images, iwd.images)
-    near = create_method("iwd+dc", None, over + ["tau=1e9"]).distill(task_of(digits, 1, 3))
-    assert torch.allclose(base.images, near.images, atol=1e-5)
+    # tau large but finite: scores and statistics run on IWD's per-instance path, equal to rounding. In float32 the
+    # rounding grows through the steps (5e-5 on images of size 6), so the check runs in float64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ds64 = dataclasses.replace(digits, x_train=digits.x_train.double(), x_test=digits.x_test.double())
+        base64 = create_method("dc", None, over).distill(task_of(ds64, 1, 3))
+        near = create_method("iwd+dc", None, over + ["tau=1e9"]).distill(task_of(ds64, 1, 3))
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.allclose(base64.images, near.images, atol=1e-6)
+    assert not torch.allclose(base64.images, base.images.double(), atol=1e-6)  # float64 is what ran
     tracked = iwd.extras["influence"]
     assert int(tracked["count"].sum()) == 2 * 2 * 10 * 8  # iterations x outer steps x classes x batch
 
@@ -572,3 +583,54 @@ def test_whole_set_scores_of_an_idc_base_include_the_implicit_term(digits, task_
     assert info["implicit"]
     expected = torch.cat(expected)[torch.argsort(torch.cat(list(digits.class_indices)))]  # by training index
     assert torch.allclose(whole, expected.double(), rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("network,subset", [("ConvNetD2", "all"), ("ConvNetGN", "all"), ("MLP", "all"),
+                                            ("ConvNetD2", "conv weights")])
+def test_per_instance_gradients_against_a_per_sample_loop(digits64, network, subset):
+    """One forward + one backward to the layers' outputs (benchmark.per_instance) against one autograd backward per
+    instance (float64), for every parameter or IDC's conv weights only; sums with weights against autograd's
+    gradient of the weighted loss. BatchNorm (its statistics mix instances) is refused."""
+    from benchmark.networks import get_network
+    from benchmark.per_instance import cross_entropy, output_loss_gradients, supports
+    net = get_network(network, 1, 10, 8, seed=0, width=8).double()
+    params = [p for p in net.parameters() if subset == "all" or p.dim() == 4]
+    x, y = digits64.x_train[:9], digits64.y_train[:9]
+    grads = output_loss_gradients(net, x, y, params, cross_entropy)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    loop = torch.stack([flat(torch.autograd.grad(F.cross_entropy(net(x[j:j + 1]), y[j:j + 1]), params))
+                        for j in range(len(y))])
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    assert torch.allclose(grads.dot(v), loop @ flat(v), rtol=1e-10, atol=1e-12)
+    from benchmark.per_instance import flatten
+    rows = sum(r @ f for r, f in zip(grads.rows(), flatten(grads.blocks, params, v)))  # the materialised layout
+    assert torch.allclose(rows, loop @ flat(v), rtol=1e-10, atol=1e-12)
+    w = torch.rand(len(y), generator=gen, dtype=x.dtype)
+    summed = torch.autograd.grad((w * F.cross_entropy(net(x), y, reduction="none")).sum(), params)
+    assert torch.allclose(flat(grads.weighted_sum(w)), flat(summed), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(flat(grads.weighted_sum(w)), w @ loop, rtol=1e-10, atol=1e-12)
+    bn = get_network("ConvNetBN", 1, 10, 8, seed=0, width=8)
+    assert supports(net, params) and not supports(bn, list(bn.parameters()))
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa"])
+def test_explicit_scores_from_per_instance_gradients_match_the_double_backward(digits64, task_of, method):
+    """The fast explicit path (per-instance gradients: no double backward) gives the FD-checked double-backward
+    scores, the real statistic at the weights it returns, and so the same image gradient as the base's own pass."""
+    from influence.scores import weigh_by_explicit_scores
+    m, step = _dc_step(digits64, task_of, method)
+    assert step.instance_gradients is not None
+    scores, weights, stats = weigh_by_explicit_scores(step, lambda s: influence_weights(s, 0.5))
+    for g in range(len(step.batches)):
+        expected = explicit_scores(step, g, uniform_weights(step)[g])
+        assert torch.allclose(scores[g], expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+        assert torch.allclose(weights[g], influence_weights(expected, 0.5), rtol=1e-9)
+        for a, b in zip(stats[g], step.real_statistic(g, weights[g], False)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    base = m.matching_loss(step, weights)  # the base's own pass over the real batch
+    step.real_stats = (weights, stats)
+    assert torch.allclose(m.matching_loss(step, weights), base, rtol=1e-12)
+    step.real_stats = (weights, [[-t for t in s] for s in stats])  # the cached statistics are what is used ...
+    assert not torch.allclose(m.matching_loss(step, weights), base, rtol=1e-3)
+    assert torch.allclose(m.matching_loss(step, list(weights)), base, rtol=1e-12)  # ... for exactly those weights
