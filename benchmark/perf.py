@@ -317,6 +317,7 @@ def section_warm_start(s, ds):
     from scipy.stats import spearmanr
 
     from influence import SolverConfig, implicit_scores
+    from influence.scores import implicit_products
 
     from .method import Task
     from .registry import create_method
@@ -333,9 +334,10 @@ def section_warm_start(s, ds):
     def measure(step):
         from .protocol import uniform_weights
         w0 = uniform_weights(step)
-        ref = torch.cat(implicit_scores(step, w0, cfg(500, 1e-6))[0]).cpu()
+        ref = last["ref"] = torch.cat(implicit_scores(step, w0, cfg(500, 1e-6))[0]).cpu()
         for k in ks:
             cold, info_c = implicit_scores(step, w0, cfg(k))
+            last[k] = info_c.solution
             warm, info_w = implicit_scores(step, w0, cfg(k), x0=chains[k])
             if chains[k] is not None:
                 for name, sc, info in (("cold", cold, info_c), ("warm", warm, info_w)):
@@ -343,18 +345,38 @@ def section_warm_start(s, ds):
             chains[k] = info_w.solution
         return base_weights(step)
 
-    m.instance_weights = measure
+    def measure_and_hold(step):
+        weights = measure(step)  # the reference scores and the cold CG solutions of this step
+        for k in holds:
+            if step.local_step % k == 0:
+                held[k] = last[c.solver_max_iter]
+            elif held[k] is not None:
+                sc = torch.cat(implicit_products(step, held[k])).cpu()
+                rows[(c.solver_max_iter, f"held, solved every {k} steps")].append(
+                    (float(spearmanr(sc, last["ref"])[0]), float("nan")))
+        return weights
+
+    last = {}
+    holds = (2, 4, 10)  # solve_every: h solved on every k-th matching step, held in between
+    held = {k: None for k in holds}
+    rows.update({(c.solver_max_iter, f"held, solved every {k} steps"): [] for k in holds})
+    m.instance_weights = measure_and_hold
     gen = torch.Generator().manual_seed(0)
     state = m.init_state(task, gen)
     for it in range(2):
         chains.update({k: None for k in ks})  # a fresh network each iteration: no warm start across iterations
+        held.update({k: None for k in holds})
         m.iteration(task, state, it, gen)
-    out = [{"cg": f"{w}, {k} iterations", "steps": len(v),
+    out = [{"cg": f"{w}, {k} iterations" if not w.startswith("held") else f"{w} (CG {k})", "steps": len(v),
             "spearman_mean": statistics.mean(r for r, _ in v), "spearman_min": min(r for r, _ in v),
-            "residual_mean": statistics.mean(res for _, res in v)} for (k, w), v in rows.items()]
+            "residual_mean": statistics.mean(res for _, res in v)} for (k, w), v in rows.items() if v]
     times = [{"cg": name, **iteration_times("iwd+idc", preset, ds, 10, s.device, s.n, over)}
              for name, over in (("cold, 20 (default)", {}), ("warm, 10", {"warm_start": True, "solver_max_iter": 10}),
-                                ("warm, 5", {"warm_start": True, "solver_max_iter": 5}))]
+                                ("warm, 5", {"warm_start": True, "solver_max_iter": 5}),
+                                *((f"cold 20, solved every {k} steps", {"solve_every": k}) for k in holds))]
+    base = iteration_times("idc", preset, ds, 10, s.device, s.n)
+    for row in times:
+        row["ratio_to_idc"] = row["s_per_iteration"] / base["s_per_iteration"]
     return {"ranking": out, "iterations": times}
 
 
@@ -604,12 +626,13 @@ def report_markdown(res, command):
                                             ("vs identity", "spearman_vs_identity")]), ""]
     if "warm_start" in sec:
         w = sec["warm_start"]
-        lines += ["## CG warm start along IWD+IDC's matching steps (Spearman of the implicit scores vs CG to 1e-6 on "
+        lines += ["## CG warm start and held solutions (solve_every) along IWD+IDC's matching steps (Spearman of the implicit scores vs CG to 1e-6 on "
                   "the same step; mean and min over steps)", "",
                   _table(w["ranking"], [("CG", "cg"), ("steps", "steps"), ("mean Spearman", "spearman_mean"),
                                         ("min Spearman", "spearman_min"), ("mean rel. residual", "residual_mean")]),
                   "", _table(w["iterations"], [("iwd+idc CG", "cg"), ("s/iteration", "s_per_iteration"),
-                                               ("of which influence s", "influence_s")]), ""]
+                                               ("of which influence s", "influence_s"),
+                                               ("ratio to idc", "ratio_to_idc")]), ""]
     if "evaluation" in sec:
         e = sec["evaluation"]
         lines += ["## Evaluation", "", f"Training one ConvNet-3 on an IPC-10 set (random real images) with protocol "

@@ -56,6 +56,10 @@ class IWDOptions:
                                   # per_instance): explicit scores with no double backward, the real statistic reused,
                                   # the implicit term's products as matrix products. False: autograd's double
                                   # backward everywhere (the pre-#18 path; same scores to rounding)
+    solve_every: int = 1          # the implicit term's iHVP h = (H + damping I)^{-1} g_M is solved on every k-th
+                                  # matching step of an iteration and held in between (the network moves a few SGD
+                                  # steps per matching step); held steps still score every instance (explicit term +
+                                  # <h, grad l_j>). 1: every step, as Algorithm 1
     warm_start: bool = False      # CG starts from the previous matching step's solution (the same network a few
                                   # SGD steps later). Measured NOT to pay (results/warm-start/bench.md: ranks worse
                                   # than cold CG at equal iterations), so off
@@ -114,6 +118,7 @@ def check_iwd_options(cfg):
         (cfg.solver_max_iter >= 1, f"solver_max_iter must be >= 1 (got {cfg.solver_max_iter})"),
         (cfg.solver_tol > 0, f"solver_tol must be > 0 (got {cfg.solver_tol})"),
         (cfg.lissa_scale > 0, f"lissa_scale must be > 0 (got {cfg.lissa_scale})"),
+        (cfg.solve_every >= 1, f"solve_every must be >= 1 (got {cfg.solve_every}; 1: solve at every step)"),
         (cfg.hessian_batch >= 0, f"hessian_batch must be >= 0 (got {cfg.hessian_batch}; 0: the whole batch)"),
         (0 <= cfg.track_beta < 1, f"track_beta must be in [0, 1) (got {cfg.track_beta})"),
     ]
@@ -205,10 +210,12 @@ def influence_weighted(cls=None, *, name=None):
                 if stats is not None:
                     step.real_stats = (weights, stats)
             else:
-                scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0, c.per_instance)
+                held = ctx.memory.get("solution") if step.local_step % c.solve_every else None
+                scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0, c.per_instance, held)
                 weights = None
             ctx.memory["solution"] = info.get("solution")
-            if info.get("implicit"):
+            solved = info.get("implicit") and not info.get("held")
+            if solved:
                 ctx.memory["damping"] = info["solver_damping"] / cfg.damping_growth
             finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
             ctx.checks.append((finite, (step.iteration, step.local_step, info.get("solver_note") or "")))
@@ -221,7 +228,7 @@ def influence_weighted(cls=None, *, name=None):
             stats = ctx.stats
             stats["time/influence_s"] = stats.get("time/influence_s", 0.0) + time.perf_counter() - t0
             stats["iwd/relative_ess"] = torch.stack([effective_sample_size(w) / len(w) for w in weights]).mean()
-            if info.get("implicit"):
+            if solved:
                 stats["iwd/solver_iterations"] = float(info["solver_iterations"])
                 stats["iwd/solver_residual"] = float(info["solver_residual"])
                 stats["iwd/solver_residual_max"] = max(stats.get("iwd/solver_residual_max", 0.0),

@@ -36,18 +36,24 @@ def explicit_scores(step, g, weights):
     return scores.detach()
 
 
+def _explicit_from_instance_gradients(step, g, weights, grads=None):
+    """d Dist_g / d w_j = <d Dist / d Phi_real, g_j> at Phi_real(w) = sum_j w_j g_j (gradient matching)."""
+    grads = grads if grads is not None else step.instance_gradients(g)
+    real = [t.detach().requires_grad_(True) for t in grads.weighted_sum(weights)]
+    syn = [s.detach() for s in step.syn_stats[g]]
+    v = torch.autograd.grad(step.distance(syn, real), real, allow_unused=True)
+    return grads.dot([torch.zeros_like(r) if d is None else d for d, r in zip(v, real)]).detach()
+
+
 def weigh_by_explicit_scores(step, weigh, statistics=True):
     """Group by group, from group g's per-instance gradients (step.instance_gradients): explicit scores at uniform
     weights, the weights weigh(scores) gives, and (statistics) Phi_real_g at those weights. Only one group's
     per-instance gradients are alive at a time. Returns (scores, weights, statistics or None)."""
     scores, weights, stats = [], [], []
     for g, b in enumerate(step.batches):
-        grads = step.instance_gradients(g)
         uniform = torch.full((len(b.y),), 1.0 / len(b.y), dtype=b.x.dtype, device=b.x.device)
-        real = [t.detach().requires_grad_(True) for t in grads.weighted_sum(uniform)]
-        syn = [s.detach() for s in step.syn_stats[g]]
-        v = torch.autograd.grad(step.distance(syn, real), real, allow_unused=True)
-        scores.append(grads.dot([torch.zeros_like(r) if d is None else d for d, r in zip(v, real)]).detach())
+        grads = step.instance_gradients(g)
+        scores.append(_explicit_from_instance_gradients(step, g, uniform, grads))
         weights.append(weigh(scores[-1]))
         if statistics:
             stats.append([t.detach() for t in grads.weighted_sum(weights[-1])])
@@ -107,6 +113,14 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None, per_
         h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs,
                               x0)
     info.solution = h
+    return implicit_products(step, h, per_instance_grads), info
+
+
+def implicit_products(step, h, per_instance_grads=True):
+    """-<h, grad l_j> for every instance of every group (per-group tensors): from per-instance gradients where the
+    network allows, else a double backward per chunk."""
+    x = torch.cat([b.x for b in step.batches])
+    y = torch.cat([b.y for b in step.batches])
     net, products = step.instance_outputs, []
     fast = per_instance_grads and isinstance(net, torch.nn.Module) and step.output_loss is not None and \
         per_instance.supports(net, step.train_params)
@@ -121,18 +135,29 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None, per_
                                     create_graph=True)
         (s,) = torch.autograd.grad(sum((gr * hi).sum() for gr, hi in zip(grads, h)), w)
         products.append(s.detach())
-    return list((-torch.cat(products)).split([len(b.y) for b in step.batches])), info
+    return list((-torch.cat(products)).split([len(b.y) for b in step.batches]))
 
 
-def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None, per_instance_grads=True):
-    """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real
-    data (or when implicit=True). Returns (per-group scores, info dict; info['solution']: the iHVP solution)."""
+def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None, per_instance_grads=True,
+                held=None):
+    """Influence of every real instance of the step: explicit, plus implicit when the inner training uses real data
+    (or when implicit=True). held: an iHVP solution h from an earlier step to use instead of solving (no g_M, no
+    solve: the explicit scores and the products <h, grad l_j> only). Returns (per-group scores, info dict;
+    info['solution']: the iHVP solution, info['held']: whether h was held)."""
     info = {"implicit": False}
     use_implicit = (step.inner_data == "real") if implicit is None else implicit
-    if not use_implicit:  # group by group: only one group's real graph alive at a time
-        return [explicit_scores(step, g, weights[g]) for g in range(len(step.batches))], info
+    if not use_implicit or held is not None:  # group by group: only one group's real graph alive at a time
+        fast = per_instance_grads and step.instance_gradients is not None
+        explicit = [_explicit_from_instance_gradients(step, g, weights[g]) if fast else
+                    explicit_scores(step, g, weights[g]) for g in range(len(step.batches))]
+        if not use_implicit:
+            return explicit, info
+        imp = implicit_products(step, held, per_instance_grads)
+        info.update(implicit=True, held=True, solution=held)
+        return [e + i for e, i in zip(explicit, imp)], info
     explicit, g_m = explicit_and_objective_gradient(step, weights)
     imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0, per_instance_grads)
-    info.update(implicit=True, solution=solve.solution, solver=solve.solver, solver_iterations=solve.iterations, solver_residual=solve.residual,
+    info.update(implicit=True, held=False, solution=solve.solution, solver=solve.solver,
+                solver_iterations=solve.iterations, solver_residual=solve.residual,
                 solver_converged=solve.converged, solver_note=solve.note, solver_damping=solve.damping)
     return [e + i for e, i in zip(explicit, imp)], info

@@ -634,3 +634,20 @@ def test_explicit_scores_from_per_instance_gradients_match_the_double_backward(d
     step.real_stats = (weights, [[-t for t in s] for s in stats])  # the cached statistics are what is used ...
     assert not torch.allclose(m.matching_loss(step, weights), base, rtol=1e-3)
     assert torch.allclose(m.matching_loss(step, list(weights)), base, rtol=1e-12)  # ... for exactly those weights
+
+
+def test_a_held_solution_scores_like_the_solve_that_made_it(digits, digits64, task_of):
+    """solve_every: a step scored with a held h (no g_M, no solve) is explicit + <h, grad l_j>; held at the step
+    that solved it, it reproduces that step's scores. An iwd+idc run with solve_every=2 solves on every other
+    matching step only."""
+    from influence.scores import step_scores
+    m, step = _dc_step(digits64, task_of, "idc", ["network=ConvNetD1"])
+    w0 = uniform_weights(step)
+    cfg = SolverConfig("cg", damping=0.1, curvature="gauss-newton", max_iter=50, tol=1e-10)
+    solved, info = step_scores(step, w0, cfg)
+    held, held_info = step_scores(step, w0, cfg, held=info["solution"])
+    assert held_info["held"] and not info["held"]
+    assert torch.allclose(torch.cat(held), torch.cat(solved), rtol=1e-8, atol=1e-10 * float(torch.cat(solved).abs().max()))
+    out = create_method("iwd+idc", "quick", ["iterations=2", "inner_loop=5", "net_width=8", "solve_every=2"])
+    syn = out.distill(task_of(digits, 1, 0))
+    assert syn.metadata["solver_summary"]["steps"] == 2 * 3  # steps 0, 2, 4 of each iteration
