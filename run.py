@@ -367,13 +367,15 @@ def tensorboard(suite, run_root, start):
 @click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
 @click.option("--sections", default="",
               help="Comma list of sections (default: all but warm_start, which runs only when named).")
+@click.option("--bases", default="", help="Comma list narrowing the iterations section's base methods (dc, dsa, dm, "
+                                         "idc, pdd; default: all).")
 @click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")
-def bench(quick, dataset, data_root, device, repeats, sections, out):
+def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
     """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,
     evaluation, allocator, DC vs a plain loop) and write OUT/bench.md + bench.json."""
     from benchmark.perf import BenchSettings, run_bench, write_report
     s = BenchSettings(quick=quick, dataset=dataset, repeats=repeats, device=device, data_root=data_root,
-                      sections=tuple(x for x in sections.split(",") if x))
+                      sections=tuple(x for x in sections.split(",") if x), bases=tuple(x for x in bases.split(",") if x))
     res = run_bench(s, progress=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {write_report(res, out, COMMAND)}")
 

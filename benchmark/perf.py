@@ -37,6 +37,7 @@ class BenchSettings:
     repeats: int = 0                 # 0: 2 (quick) or 3 (full)
     device: str = "cpu"
     sections: tuple = ()             # () = all
+    bases: tuple = ()                # the iterations section's base methods; () = all of BASES
     data_root: str = None
     notes: list = field(default_factory=list)
 
@@ -164,7 +165,9 @@ def section_iterations(s, ds):
         settings.insert(0, ("reference, IPC 1", None, 1))
     rows = []
     for label, preset, ipc in settings:
-        for base in BASES:
+        for base in s.bases or BASES:
+            if base not in BASES:
+                raise ValueError(f"unknown base {base!r} for the iterations section ({', '.join(BASES)})")
             over = {"inner_loop": STEP_CAP[base]} if base in STEP_CAP else {}
             if base == "pdd":
                 over["iterations"] = 1000  # stage 0 throughout the measurement (no conditioning phase)
