@@ -206,8 +206,7 @@ def per_sample_loop_scores(step, g, weights):
 
 
 def explicit_workload(ds, device, width, batch=256):
-    from influence.scores import explicit_scores
-
+    """One DC step of one class (`batch` real images, one synthetic image): the step and its uniform weights."""
     from .method import Task
     from .registry import create_method
     from .synthetic import SyntheticSet
@@ -217,19 +216,36 @@ def explicit_workload(ds, device, width, batch=256):
     idx = ds.sample_class(0, batch, gen)
     syn = SyntheticSet(ds.x_train[idx[:1]].clone(), torch.tensor([0]), "normalized", {}, {})
     step = method.scoring_step(task, syn, 0, {0: idx}, gen)
-    w = torch.full((len(idx),), 1.0 / len(idx), device=device)
-    return (lambda: explicit_scores(step, 0, w)), (lambda: per_sample_loop_scores(step, 0, w)), len(idx)
+    return step, torch.full((len(idx),), 1.0 / len(idx), device=device)
 
 
 def section_explicit(s, ds):
+    """Per class and matching step: the base's real statistic (one forward+backward), IWD's work on the real batch
+    before #18 (double-backward scores + the matching step's own statistic) and now (per-instance gradients:
+    scores AND the statistic at the new weights), and a per-sample loop; ratios to the base's pass. Repeats of the
+    three IWD/base workloads are interleaved, so a busy machine slows them alike."""
+    from influence import influence_weights
+    from influence.scores import explicit_scores, weigh_by_explicit_scores
     rows = []
     for width in ((32,) if s.quick else (32, 128)):
-        fast, loop, n = explicit_workload(ds, s.device, width)
-        t_fast, a = timed(fast, s.n, s.device)
-        t_loop, b = timed(loop, max(1, s.n - 1), s.device)
-        rows.append({"network": f"ConvNet-3 width {width}", "batch": n, "o1_s": t_fast, "loop_s": t_loop,
-                     "speedup": t_loop / t_fast,
-                     "max_rel_diff": float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))})
+        step, w = explicit_workload(ds, s.device, width)
+        weigh = lambda sc: influence_weights(sc, 1.0)  # noqa: E731
+        work = {"base": lambda: step.real_statistic(0, w, False),
+                "double": lambda: (explicit_scores(step, 0, w), step.real_statistic(0, weigh(w), False))[0],
+                "per_instance": lambda: weigh_by_explicit_scores(step, weigh)[0][0]}
+        times, out = {k: [] for k in work}, {}
+        for _ in range(2 * s.n + 1):
+            for k, fn in work.items():
+                t, out[k] = timed(fn, 1, s.device, warmup=0)
+                times[k].append(t)
+        t = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first round warms up
+        t_loop, loop = timed(lambda: per_sample_loop_scores(step, 0, w), max(1, s.n - 1), s.device)
+        rel = lambda a: float((a - loop).abs().max() / loop.abs().max().clamp_min(1e-30))  # noqa: E731
+        rows.append({"network": f"ConvNet-3 width {width}", "batch": len(w), "base_s": t["base"],
+                     "double_s": t["double"], "per_instance_s": t["per_instance"], "loop_s": t_loop,
+                     "double_ratio": t["double"] / t["base"], "per_instance_ratio": t["per_instance"] / t["base"],
+                     "speedup": t_loop / t["per_instance"],
+                     "max_rel_diff_double": rel(out["double"]), "max_rel_diff_per_instance": rel(out["per_instance"])})
     return rows
 
 
@@ -609,10 +625,17 @@ def report_markdown(res, command):
                                              ("IWD ratio, exact Hessian", "iwd_hessian_ratio"),
                                              ("IWD ratio, Woodbury GN", "iwd_woodbury_ratio"), ("note", "note")]), ""]
     if "explicit" in sec:
-        lines += ["## Explicit influence scores of one real batch (DC step)", "",
-                  _table(sec["explicit"], [("network", "network"), ("batch", "batch"), ("O(1) passes s", "o1_s"),
-                                           ("per-sample loop s", "loop_s"), ("speedup", "speedup"),
-                                           ("max rel. diff", "max_rel_diff")]), ""]
+        lines += ["## IWD's explicit scores on one class's real batch (DC step): work per class and matching step, "
+                  "relative to the base's real statistic (one forward+backward)", "",
+                  _table(sec["explicit"], [("network", "network"), ("batch", "batch"), ("base s", "base_s"),
+                                           ("IWD before #18 s (double backward + statistic)", "double_s"),
+                                           ("IWD per-instance s (scores + statistic)", "per_instance_s"),
+                                           ("before / base", "double_ratio"), ("per-instance / base",
+                                                                               "per_instance_ratio"),
+                                           ("per-sample loop s", "loop_s"), ("loop / per-instance", "speedup"),
+                                           ("max rel. diff vs loop, before", "max_rel_diff_double"),
+                                           ("max rel. diff vs loop, per-instance", "max_rel_diff_per_instance")]),
+                  ""]
     if "ihvp" in sec:
         lines += ["## Inverse-HVP (requested damping 0.01, tol 1e-3, cross-entropy at initialisation)", "",
                   _table(sec["ihvp"], [("solver", "solver"), ("curvature", "curvature"), ("network", "network"),

@@ -312,7 +312,8 @@ def test_bench_quick_smoke_writes_report(tmp_path):
     assert out.returncode == 0, out.stderr
     res = json.load(open(tmp_path / "bench.json"))
     sec = res["sections"]
-    assert sec["explicit"][0]["max_rel_diff"] < 1e-4 and sec["explicit"][0]["speedup"] > 0
+    ex = sec["explicit"][0]
+    assert ex["max_rel_diff_double"] < 1e-4 and ex["max_rel_diff_per_instance"] < 1e-4 and ex["speedup"] > 0
     assert {r["allocator"] for r in sec["allocator"]} >= {"glibc default", "glibc tuned (mallopt)"}
     assert all("error" not in r for r in sec["allocator"])
     assert "default" in sec["allocator"][0]["mode"] and "tuned" in sec["allocator"][1]["mode"]
