@@ -327,7 +327,7 @@ def test_bench_quick_smoke_writes_report(tmp_path):
         assert curv[(phase, "gauss-newton, Woodbury (exact, direct)")]["spearman_vs_converged_gn"] > 0.999
         assert curv[(phase, "identity (TracIn-like)")]["spearman_vs_identity"] == 1.0
     md = open(tmp_path / "bench.md").read()
-    assert "Explicit influence scores" in md and res["machine"]["commit"] in md
+    assert "IWD's explicit scores" in md and res["machine"]["commit"] in md
     bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
     assert bad.returncode == 2 and "unknown bench section" in bad.stderr
 
@@ -372,14 +372,21 @@ def test_nan_in_influence_scores_stops_the_cell_keeping_the_checkpoint(tmp_path,
     import influence.iwd as iwd
     from benchmark.method import NonFiniteError, Task
     from benchmark.registry import create_method
-    real = iwd.step_scores
+    real, real_fast = iwd.step_scores, iwd.weigh_by_explicit_scores
 
-    def poisoned(step, *a, **k):
+    def poisoned(step, *a, **k):  # the double-backward path
         scores, info = real(step, *a, **k)
         if step.iteration >= 2:
             scores[0][0] = float("nan")
         return scores, info
+
+    def poisoned_fast(step, *a, **k):  # the per-instance path (iwd+dc on a ConvNet)
+        scores, weights, stats = real_fast(step, *a, **k)
+        if step.iteration >= 2:
+            scores[0][0] = float("nan")
+        return scores, weights, stats
     monkeypatch.setattr(iwd, "step_scores", poisoned)
+    monkeypatch.setattr(iwd, "weigh_by_explicit_scores", poisoned_fast)
     ckpt = str(tmp_path / "c.pt")
     m = create_method("iwd+dc", None, TINY_DC + ["iterations=4"])
     with pytest.raises(NonFiniteError, match=f"influence scores at iteration 2 .*last good checkpoint: {ckpt}"):
