@@ -61,7 +61,7 @@ def _pseudo_gradients(net, x, params):
     return blocks, inputs, per_class()
 
 
-def _rows(g, kind):
+def _rows(g):
     """An output gradient in K-FAC's layout (n, T, out)."""
     return g.flatten(2).transpose(1, 2) if g.dim() == 4 else g.reshape(len(g), 1, -1)
 
@@ -77,7 +77,7 @@ def kfac_inverse(net, x, params, v, damping, eigen_correct=False):
     for gk in grads:
         for i, ((m, kind), g) in enumerate(zip(blocks, gk)):
             if kind != "diag":
-                g = _rows(g, kind)
+                g = _rows(g)
                 second[i] = second[i] + torch.einsum("nto,ntp->op", g, g) / n
                 if eigen_correct:
                     g_rows[i].append(g)

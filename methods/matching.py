@@ -264,6 +264,6 @@ class GradientMatching(MatchingMethod):
                 net, augment(g, batches[g].x), batches[g].y, params, per_instance.cross_entropy)
         if self.inner_data == "real":  # the network trains on real data: per-instance CE at theta_t (un-augmented)
             step.instance_outputs = net
-            step.output_loss = lambda z, y: F.cross_entropy(z, y, reduction="none")
+            step.output_loss = per_instance.cross_entropy
             step.instance_loss = lambda x, y: step.output_loss(net(x), y)
         return step
