@@ -14,7 +14,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.registry import register_method
 from benchmark.training import train_steps
 
-from .matching import GradientMatching, dc_loops
+from .matching import GradientMatching, check_real_pass, dc_loops
 
 
 @dataclass
@@ -35,10 +35,13 @@ class DCConfig:
     metric: str = "ours"                 # ours | mse | cos | l1
     dsa: bool = False
     dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
+    real_pass: str = "eager"             # eager (faithful) | compile | bf16: how the real gradient is computed
+                                         # (methods.matching.REAL_PASSES)
 
     def validate(self):
         if self.init not in ("noise", "real"):
             raise BenchmarkError(f"init must be 'noise' or 'real', got {self.init!r}")
+        check_real_pass(self.real_pass)
 
 
 # Reduced settings, labelled as such wherever they are used. 'cpu': narrower network and smaller real batch for

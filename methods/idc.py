@@ -22,7 +22,7 @@ from benchmark.synthetic import decode_multi_formation
 from benchmark.training import train_steps
 
 from .dc import QUICK_NET
-from .matching import GradientMatching
+from .matching import GradientMatching, check_real_pass
 
 
 @dataclass
@@ -46,6 +46,10 @@ class IDCConfig:
     metric: Optional[str] = None  # None: l1 for MNIST-like data, mse otherwise
     dsa: bool = True
     dsa_strategy: Optional[str] = None
+    real_pass: str = "eager"      # eager (faithful) | compile | bf16 (methods.matching.REAL_PASSES)
+
+    def validate(self):
+        check_real_pass(self.real_pass)
 
 
 @register_method("idc")

@@ -53,6 +53,41 @@ def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
     assert torch.allclose(step.real_statistic(3, w0[3])[0], emb.mean(0), atol=1e-5)
 
 
+def test_real_pass_modes_against_eager_autograd(digits64, monkeypatch):
+    """DC's faster real-gradient passes (#18) against eager autograd: compile to rounding (float64), bf16 to a
+    cosine above 0.95 per weight tensor (0.97 measured on the first layer); a compiler failure falls back to eager with one warning; an unknown mode is a clear error."""
+    import warnings
+
+    from benchmark.networks import get_network
+    from methods import matching
+    net = get_network("ConvNetW32", 1, 10, 8, seed=0).double()
+    params = list(net.parameters())
+    x, y = digits64.x_train[:64], digits64.y_train[:64]
+    w = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = weighted_grad(net, params, x, y, w)
+    compiled = matching.real_gradient(net, params, x, y, w, "compile")
+    assert matching._compiled["broken"] is None  # it compiled (no silent fallback)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(compiled, ref))
+    net32 = get_network("ConvNetW32", 1, 10, 8, seed=0)
+    p32, x32, w32 = list(net32.parameters()), x.float(), w.float()
+    bf16 = matching.real_gradient(net32, p32, x32, y, w32, "bf16")
+    for a, b in zip(bf16, weighted_grad(net32, p32, x32, y, w32)):
+        if b.dim() > 1:  # conv/linear weights (instance norm makes the conv biases' gradients ~0)
+            assert a.dtype == torch.float32 and torch.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.95
+    monkeypatch.setitem(matching._compiled, "fn", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.warns(UserWarning, match="real_pass=compile failed .*no compiler.*eager"):
+        fallback = matching.real_gradient(net, params, x, y, w, "compile")
+    assert all(torch.equal(a, b) for a, b in zip(fallback, ref))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, then eager quietly
+        matching.real_gradient(net, params, x, y, w, "compile")
+    monkeypatch.setitem(matching._compiled, "broken", None)
+    with pytest.raises(BenchmarkError, match="real_pass must be one of eager, compile, bf16"):
+        create_method("dc", None, ["real_pass=fast"])
+    with pytest.raises(BenchmarkError, match="real_pass must be one of"):
+        create_method("iwd+idc", None, ["real_pass=fast"])
+
+
 def test_dc_loop_table_and_rule():
     assert dc_loops(1) == (1, 1) and dc_loops(10) == (10, 50) and dc_loops(50) == (50, 10)
     assert dc_loops(5) == (1, 1) and dc_loops(15) == (10, 50) and dc_loops(100) == (50, 10)
