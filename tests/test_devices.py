@@ -280,14 +280,15 @@ def test_plan_peak_memory_matches_the_allocator_under_double_backward(digits):
 
 def test_plan_counts_the_same_flops_on_meta_as_on_real_data(digits):
     """The meta count (shapes only) equals FlopCounterMode over the same iteration run on real CPU data (an
-    independent count: real tensors, real control flow)."""
+    independent count: real tensors, real control flow, every matching step walked; the count walks one of the
+    identical steps and scales it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.method import Task
     from benchmark.plan import _distill_cost, shape_dataset
     from benchmark.registry import create_method
-    for name, over in (("dc", ["iterations=1", "inner_loop=2", "outer_loop=2", "net_width=8"]),
-                       ("iwd+idc", ["iterations=1", "inner_loop=2", "net_width=8", "n_data=64"])):
+    for name, over in (("dc", ["iterations=1", "inner_loop=2", "outer_loop=4", "net_width=8"]),
+                       ("iwd+idc", ["iterations=1", "inner_loop=4", "net_width=8", "n_data=64"])):
         meta_flops = _distill_cost(create_method(name, "quick", over), Task(shape_dataset("digits"), 2, 0, "meta"))[0]
         task = Task(digits, 2, 0, "cpu")
         method = create_method(name, "quick", over).for_task(task)  # the loop's parts run on a resolved config
