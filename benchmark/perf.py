@@ -278,7 +278,8 @@ def section_ihvp(s, ds):
 def section_curvature(s, ds):
     """How much the implicit scores of one IDC step depend on the curvature and solver, and what each costs.
     Spearman correlations of the per-instance implicit scores against the converged Gauss-Newton solution (CG to
-    1e-6) and against the identity solver (TracIn-like), on a fresh network and after 200 SGD steps on real data,
+    1e-6, the default Hessian batch), against the exact GN of the step's whole real batch, and against the identity
+    solver (TracIn-like), on a fresh network and after 200 SGD steps on real data,
     with the seconds of one implicit_scores call (median of s.n; g_M, the solve and the per-instance dot products:
     the identity row is everything but the solve)."""
     from scipy.stats import spearmanr
@@ -319,12 +320,39 @@ def section_curvature(s, ds):
         for name, cfg in solvers.items():
             t, (sc, info) = timed(lambda: implicit_scores(step, w0, cfg), 1 if "1e-6" in name else s.n, s.device)
             scores[name] = (torch.cat(sc).cpu(), info, t)
+        scores.update(_hessian_batch_scores(step, w0, hb))
         ref, ident = scores["gauss-newton, CG to 1e-6"][0], scores["identity (TracIn-like)"][0]
+        whole = scores[WHOLE_BATCH][0]
         for name, (sc, info, t) in scores.items():
             rows.append({"network": phase, "solver": name, "damping": info.damping, "iterations": info.iterations,
                          "residual": info.residual, "s": t, "spearman_vs_converged_gn": float(spearmanr(sc, ref)[0]),
+                         "spearman_vs_whole_batch_gn": float(spearmanr(sc, whole)[0]),
                          "spearman_vs_identity": float(spearmanr(sc, ident)[0])})
     return rows
+
+
+WHOLE_BATCH = "gauss-newton on the whole real batch (Woodbury, exact)"
+
+
+def _hessian_batch_scores(step, w0, hb):
+    """How much the implicit scores depend on WHICH instances estimate H: the exact GN solve (Woodbury) on two other
+    Hessian batches of hb instances, disjoint from the default one (its evenly spaced rows shifted by 2 and 4), and
+    on the step's whole real batch (every class's instances; the best estimate of the training loss's curvature the
+    step has). Returns {name: (scores, SolveInfo, seconds)}."""
+    from influence.kfac import woodbury_inverse
+    from influence.scores import implicit_products, objective_gradient
+    x = torch.cat([b.x for b in step.batches])
+    n = len(x)
+    g_m = objective_gradient(step, w0)
+    rows = torch.linspace(0, n - 1, hb).round().long()
+    out = {}
+    for name, r in ((f"gauss-newton, another {hb} (Woodbury, exact)", (rows + 2).clamp(max=n - 1)),
+                    (f"gauss-newton, a third {hb} (Woodbury, exact)", (rows + 4).clamp(max=n - 1)),
+                    (WHOLE_BATCH, torch.arange(n))):
+        t0 = time.perf_counter()
+        h, info = woodbury_inverse(step.instance_outputs, x[r.to(x.device)], step.train_params, g_m, 0.01)
+        out[name] = (torch.cat(implicit_products(step, h)).cpu(), info, time.perf_counter() - t0)
+    return out
 
 
 def section_warm_start(s, ds):
@@ -508,16 +536,22 @@ def section_allocator(s, ds):
 
 
 def section_dc_vs_plain(s, ds):
-    """Ours (this process: tuned allocator) vs the plain per-class reference loop with default settings."""
-    ours = iteration_times("dc", None, ds, 1, s.device, s.n)
-    rows = [{"implementation": "ours (run.py: allocator " + allocator.mode() + ")", "s": ours["s_per_iteration"]}]
+    """Ours (this process: tuned allocator) with each real_pass (eager: today's faithful loop; compile; bf16) vs the
+    plain per-class reference loop with default settings. The compile row's warm-up iteration compiles."""
+    from .real_pass import REAL_PASSES
+    rows = []
+    for mode in REAL_PASSES:
+        ours = iteration_times("dc", None, ds, 1, s.device, s.n, {"real_pass": mode})
+        rows.append({"implementation": f"ours, real_pass={mode} (run.py: allocator {allocator.mode()})",
+                     "s": ours["s_per_iteration"]})
     for name, env in ALLOCATORS.items():
         r = run_probe("plain_dc", env, s)
         rows.append({"implementation": f"plain per-class loop ({name})", "s": r.get("s", float("nan")),
                      "error": r.get("error", "")})
-    base = rows[1]["s"]
+    plain, eager = rows[len(REAL_PASSES)]["s"], rows[0]["s"]
     for r in rows:
-        r["speedup_vs_plain_default"] = base / r["s"] if r["s"] == r["s"] else float("nan")
+        r["speedup_vs_plain_default"] = plain / r["s"] if r["s"] == r["s"] else float("nan")
+        r["speedup_vs_eager"] = eager / r["s"] if r["s"] == r["s"] else float("nan")
     return rows
 
 
@@ -649,6 +683,7 @@ def report_markdown(res, command):
                                             ("CG iterations", "iterations"), ("rel. residual", "residual"),
                                             ("s", "s"),
                                             ("vs converged Gauss-Newton", "spearman_vs_converged_gn"),
+                                            ("vs whole-batch Gauss-Newton", "spearman_vs_whole_batch_gn"),
                                             ("vs identity", "spearman_vs_identity")]), ""]
     if "warm_start" in sec:
         w = sec["warm_start"]
@@ -671,6 +706,7 @@ def report_markdown(res, command):
     if "dc_vs_plain" in sec:
         lines += ["## DC at the reference settings (IPC 1, ConvNet-3, real batch 256) vs a plain per-class loop", "",
                   _table(sec["dc_vs_plain"], [("implementation", "implementation"), ("s per iteration", "s"),
+                                              ("speedup vs ours eager (today's loop)", "speedup_vs_eager"),
                                               ("speedup vs plain (glibc default)", "speedup_vs_plain_default")]), ""]
     if "memory" in sec:
         rows = [{**r, "rss": ", ".join(f"{v:.0f}" for v in r["rss_mb"])} for r in sec["memory"]]

@@ -11,10 +11,11 @@ from typing import Optional
 import torch
 
 from benchmark.errors import BenchmarkError
+from benchmark.real_pass import check_real_pass
 from benchmark.registry import register_method
 from benchmark.training import train_steps
 
-from .matching import GradientMatching, check_real_pass, dc_loops
+from .matching import GradientMatching, dc_loops
 
 
 @dataclass
@@ -36,7 +37,7 @@ class DCConfig:
     dsa: bool = False
     dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
     real_pass: str = "eager"             # eager (faithful) | compile | bf16: how the real gradient is computed
-                                         # (methods.matching.REAL_PASSES)
+                                         # (benchmark.real_pass)
 
     def validate(self):
         if self.init not in ("noise", "real"):

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.device import to_device
+from benchmark.real_pass import check_real_pass
 from benchmark.registry import register_method
 from benchmark.synthetic import decode_multi_formation
 from benchmark.training import train_steps
 
 from .dc import QUICK_NET
-from .matching import GradientMatching, check_real_pass
+from .matching import GradientMatching
 
 
 @dataclass
@@ -46,7 +47,7 @@ class IDCConfig:
     metric: Optional[str] = None  # None: l1 for MNIST-like data, mse otherwise
     dsa: bool = True
     dsa_strategy: Optional[str] = None
-    real_pass: str = "eager"      # eager (faithful) | compile | bf16 (methods.matching.REAL_PASSES)
+    real_pass: str = "eager"      # eager (faithful) | compile | bf16 (benchmark.real_pass)
 
     def validate(self):
         check_real_pass(self.real_pass)

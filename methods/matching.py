@@ -10,8 +10,6 @@ set for DC, on real data for IDC; DM's networks never train). Subclasses supply 
 Gradient matching: Phi_real(w) = grad_theta sum_i w_i CE(f_theta(x_i), y_i) over one class's real batch (w uniform
 = the reference's mean loss); Phi_syn = the same gradient on that class's synthetic images, kept differentiable.
 """
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,10 +18,10 @@ from benchmark import method as method_module
 from benchmark import per_instance, seeds
 from benchmark.augment import DSA, strategy_for
 from benchmark.device import to_device
-from benchmark.errors import BenchmarkError
 from benchmark.method import IterativeMethod
 from benchmark.networks import get_network
 from benchmark.protocol import IterationContext, MatchingStep, RealBatch, WeightedMatching
+from benchmark.real_pass import run as real_pass_run
 from benchmark.synthetic import SyntheticSet
 
 # the reference DC loop table: IPC -> (outer_loop, inner_loop)
@@ -67,47 +65,6 @@ def weighted_grad(net, params, x, y, weights, create_graph=False):
     """grad_theta sum_i w_i CE_i. Differentiable in x, params and weights when create_graph=True."""
     losses = F.cross_entropy(net(x), y, reduction="none")
     return torch.autograd.grad((weights * losses).sum(), params, create_graph=create_graph)
-
-
-# How the real statistic of the base methods (no graph: the reference detaches it) is computed; config key real_pass.
-#   eager   the faithful default: autograd in float32, as the reference code.
-#   compile torch.compile of the same forward+backward (fused norm/activation/pooling kernels; compiled once per
-#           process and shape, ~10-40 s, then reused by every fresh network). Same float32 math, summed in another
-#           order: gradients agree to ~1e-3 relative, not bit for bit. Falls back to eager, with one warning, where
-#           compilation fails (no C++ compiler, say).
-#   bf16    bfloat16 autocast of the forward: fast where the hardware has native bf16 (AVX512-BF16/AMX CPUs, recent
-#           GPUs), slow elsewhere; gradients off by 4-10% relative (ConvNet-3, Fashion-MNIST). A named speed mode,
-#           never the default.
-REAL_PASSES = ("eager", "compile", "bf16")
-_compiled = {"fn": None, "broken": None}
-
-
-def real_gradient(net, params, x, y, weights, mode="eager"):
-    """weighted_grad without a graph, by the real_pass `mode` (REAL_PASSES). Eager under an active dispatch mode
-    (the plan's FLOP counter) and on the meta device."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    if x.device.type == "meta" or _get_current_dispatch_mode() is not None:
-        mode = "eager"  # counting (same FLOPs), not computing
-    if mode == "bf16":
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            losses = F.cross_entropy(net(x), y, reduction="none")
-        return torch.autograd.grad((weights * losses.float()).sum(), params)
-    if mode == "compile" and _compiled["broken"] is None:
-        if _compiled["fn"] is None:
-            _compiled["fn"] = torch.compile(weighted_grad)
-        try:
-            return _compiled["fn"](net, params, x, y, weights)
-        except Exception as e:  # noqa: BLE001 - any compiler failure; eager below re-raises a genuine error
-            _compiled["broken"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"real_pass=compile failed ({_compiled['broken']}); using eager autograd for the rest of "
-                          f"this process")
-    return weighted_grad(net, params, x, y, weights)
-
-
-def check_real_pass(mode):
-    if mode not in REAL_PASSES:
-        raise BenchmarkError(f"real_pass must be one of {', '.join(REAL_PASSES)} (got {mode!r}); eager is the "
-                             f"faithful default")
 
 
 def has_batchnorm(net):
@@ -302,14 +259,16 @@ class GradientMatching(MatchingMethod):
             ones = torch.full((len(ys),), 1.0 / len(ys), device=xs.device, dtype=xs.dtype)
             syn_stats.append(weighted_grad(net, params, augment(g, xs), ys, ones, create_graph=True))
 
-        real_pass = getattr(self.config, "real_pass", "eager")  # a plugin's config may not have the key
+        real_pass = getattr(self.config, "real_pass", "eager")  # benchmark.real_pass; a plugin's config may
+        # not have the key
 
         def real_statistic(g, weights, create_graph=False, rows=None):
             b = batches[g]
             x, y = (b.x, b.y) if rows is None else (b.x[rows], b.y[rows])
             if create_graph or weights.requires_grad:  # influence: differentiable, always eager autograd
                 return weighted_grad(net, params, augment(g, x), y, weights, create_graph=True)
-            return real_gradient(net, params, augment(g, x), y, weights, real_pass)
+            return real_pass_run(weighted_grad, real_pass, x.device.type, net, params, augment(g, x), y,
+                                 weights)
 
         metric = self.config.metric
         step = MatchingStep(iteration=it, params=params, batches=batches, real_statistic=real_statistic,

@@ -59,29 +59,31 @@ def test_real_pass_modes_against_eager_autograd(digits64, monkeypatch):
     import warnings
 
     from benchmark.networks import get_network
-    from methods import matching
+    from benchmark import real_pass
     net = get_network("ConvNetW32", 1, 10, 8, seed=0).double()
     params = list(net.parameters())
     x, y = digits64.x_train[:64], digits64.y_train[:64]
     w = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ref = weighted_grad(net, params, x, y, w)
-    compiled = matching.real_gradient(net, params, x, y, w, "compile")
-    assert matching._compiled["broken"] is None  # it compiled (no silent fallback)
+    compiled = real_pass.run(weighted_grad, "compile", "cpu", net, params, x, y, w)
+    assert "reason" not in real_pass._broken  # it compiled (no silent fallback)
     assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(compiled, ref))
     net32 = get_network("ConvNetW32", 1, 10, 8, seed=0)
     p32, x32, w32 = list(net32.parameters()), x.float(), w.float()
-    bf16 = matching.real_gradient(net32, p32, x32, y, w32, "bf16")
+    bf16 = real_pass.run(weighted_grad, "bf16", "cpu", net32, p32, x32, y, w32)
     for a, b in zip(bf16, weighted_grad(net32, p32, x32, y, w32)):
         if b.dim() > 1:  # conv/linear weights (instance norm makes the conv biases' gradients ~0)
             assert a.dtype == torch.float32 and torch.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.95
-    monkeypatch.setitem(matching._compiled, "fn", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    def no_compiler(*args):
+        raise RuntimeError("no compiler")
+    monkeypatch.setitem(real_pass._compiled, weighted_grad, no_compiler)
     with pytest.warns(UserWarning, match="real_pass=compile failed .*no compiler.*eager"):
-        fallback = matching.real_gradient(net, params, x, y, w, "compile")
+        fallback = real_pass.run(weighted_grad, "compile", "cpu", net, params, x, y, w)
     assert all(torch.equal(a, b) for a, b in zip(fallback, ref))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, then eager quietly
-        matching.real_gradient(net, params, x, y, w, "compile")
-    monkeypatch.setitem(matching._compiled, "broken", None)
+        real_pass.run(weighted_grad, "compile", "cpu", net, params, x, y, w)
+    real_pass._broken.clear()
     with pytest.raises(BenchmarkError, match="real_pass must be one of eager, compile, bf16"):
         create_method("dc", None, ["real_pass=fast"])
     with pytest.raises(BenchmarkError, match="real_pass must be one of"):
