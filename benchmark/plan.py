@@ -17,6 +17,7 @@ For every pending cell:
 import contextlib
 import functools
 import math
+import os
 import tempfile
 import time
 import weakref
@@ -51,7 +52,22 @@ def shape_dataset(name, per_class=None, device="meta", gen=None):
         x_tr, x_te = torch.randn(n_train, *shape, generator=gen), torch.randn(n_test, *shape, generator=gen)
     ds = Dataset(base, x_tr, labels(n_train), x_te, labels(n_test), spec.mean, spec.std)
     ds.full_name = f"{base}@shape-only"  # never the real data's name: caches (herding's features) stay apart
+    ds.stands_for = name  # ... but a cache the real run would load is known (its work is not counted)
     return ds.on(device)
+
+
+# Cache files (a feature network, say) that a run of the planned cells will have written by the time a later cell
+# needs them: work cached across cells is counted once, in the first cell that makes it. Reset per plan.
+_planned_caches = set()
+
+
+def will_train(path):
+    """For a method's counted run: whether the real run would make the cached artefact at `path` (it is not on disk
+    and no earlier planned cell makes it); from now on, later cells find it made."""
+    if path in _planned_caches or os.path.exists(path):
+        return False
+    _planned_caches.add(path)
+    return True
 
 
 @contextlib.contextmanager
@@ -240,6 +256,7 @@ def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progres
     'distill_s', 'eval_s' when calibrated) and the calibration rates."""
     say = progress or (lambda *_: None)
     repeats = repeats or (2 if str(device).startswith("cuda") else 1)
+    _planned_caches.clear()
     rows, counted = [], {}
     for cell in cells:  # the seed changes no shape: each (method, dataset, IPC, variant) is counted once
         shape = (cell.method, cell.dataset, cell.ipc, cell.variant)

@@ -10,6 +10,7 @@ from benchmark.device import to_device
 from benchmark.files import save_torch_atomic
 from benchmark.method import Method
 from benchmark.networks import get_network
+from benchmark.plan import will_train
 from benchmark.registry import register_method
 from benchmark.synthetic import SyntheticSet
 from benchmark.training import train_steps
@@ -49,7 +50,9 @@ _FEATURE_NETS = {}
 
 def feature_network(task, cfg):
     """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed,
-    in-process and on disk). Never cached: networks trained on meta (shapes only) or on `plan`'s random data."""
+    in-process and on disk). Never cached: networks trained on meta (shapes only) or on `plan`'s random data.
+    `plan` (a shape-only dataset standing for a real one) counts the training only where the run will train: not
+    when the real dataset's network is in the disk cache already, nor twice for cells sharing one network."""
     ds = task.dataset
     cacheable = str(task.device) != "meta" and not ds.full_name.endswith("@shape-only")
     key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed, str(task.device))
@@ -57,7 +60,14 @@ def feature_network(task, cfg):
         return _FEATURE_NETS[key]
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
     cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
-    path = os.path.join(cache, f"herding-{ds.full_name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
+    cache_file = lambda name: os.path.join(  # noqa: E731
+        cache, f"herding-{name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
+    path = cache_file(ds.full_name)
+    stands_for = getattr(ds, "stands_for", None)
+    if stands_for is not None:  # planning: would the run train this network?
+        if not will_train(cache_file(stands_for)):
+            net.eval()
+            return net  # the run loads it: no training to count (weights do not matter to a count)
     try:
         if not cacheable:
             raise FileNotFoundError(path)
