@@ -8,9 +8,10 @@ For every pending cell:
   until freed: activations, the graphs kept for double backward), plus the dataset resident on the device.
 - Evaluation FLOPs: networks x stages x epochs x training images x (forward+backward per image, counted) + the
   test split's forward.
-- Time = FLOPs / the FLOP rate a short calibration run achieves ON THE DEVICE: per (method, dataset, variant), the
-  smallest pending IPC's settings with the loop counts shrunk (one iteration, <= 2 matching/inner steps; batch sizes,
-  network and image size unchanged) on random data of the dataset's shape; per evaluation network and protocol
+- Time = FLOPs / the FLOP rate a short calibration run achieves ON THE DEVICE, per component: SGD training loops
+  (many small steps: a lower rate) and everything else, each counted and timed apart. Per (method, dataset,
+  variant), the smallest pending IPC's settings with the loop counts shrunk (one iteration, <= 2 matching/inner
+  steps; batch sizes, network and image size unchanged) on random data of the dataset's shape; per evaluation network and protocol
   batch, a few timed SGD steps. Data-dependent work (CG stopping early, DM's cheap iterations dominated by launch
   overhead) is where the estimate can miss; `plan --all` puts measured times of finished cells beside it.
 """
@@ -72,24 +73,40 @@ def will_train(path):
 
 @contextlib.contextmanager
 def _counting():
-    """FLOPs and peak memory of what runs inside (on meta)."""
+    """FLOPs (in all, and inside training loops) and peak memory of what runs inside (on meta)."""
     from . import method, training
-    out = {"flops": 0, "peak_bytes": None}
+    out = {"flops": 0, "train_flops": 0, "peak_bytes": None}
     counter = CostCounter()
-    scaled = [0]
+    scaled = dict.fromkeys(COMPONENTS, 0)
 
-    def one_for_all(n, run_one):  # a training loop or a distillation loop: count one step, scale it (nested ones
-        before = counter.flops + scaled[0]  # scale with it)
-        run_one()
-        scaled[0] += (n - 1) * (counter.flops + scaled[0] - before)
+    def totals():
+        return {k: counter.by_component[k] + scaled[k] for k in COMPONENTS}
+
+    def one_for_all(n, run_one, component=None):  # a training loop or a distillation loop: count one step, scale it
+        before, outer = totals(), counter.component  # (nested ones scale with it)
+        counter.component = component or outer
+        try:
+            run_one()
+        finally:
+            counter.component = outer
+        after = totals()
+        for k in COMPONENTS:
+            scaled[k] += (n - 1) * (after[k] - before[k])
     with meta_host_reads(), counter:
-        training.COUNT_HOOK = method.COUNT_HOOK = one_for_all
+        training.COUNT_HOOK = lambda n, run_one: one_for_all(n, run_one, "train")
+        method.COUNT_HOOK = one_for_all
         try:
             yield out
         finally:
             training.COUNT_HOOK = method.COUNT_HOOK = None
-    out["flops"] = counter.flops + scaled[0]
+    t = totals()
+    out["flops"], out["train_flops"] = sum(t.values()), t["train"]
     out["peak_bytes"] = counter.peak
+
+
+# FLOPs are counted, and time calibrated, per component: SGD training loops (benchmark.training.train_steps: many
+# small steps, a lower FLOP rate) and everything else (matching, influence: large batched passes)
+COMPONENTS = ("train", "other")
 
 
 # ops that only read metadata: no FLOPs, no storage (torch's FlopCounterMode skips the same set)
@@ -114,8 +131,12 @@ class CostCounter(TorchDispatchMode):
         super().__init__()
         from torch.utils.flop_counter import flop_registry
         self.registry = flop_registry
-        self.flops = 0
+        self.by_component, self.component = dict.fromkeys(COMPONENTS, 0), "other"
         self.live, self.current, self.peak = {}, 0, 0
+
+    @property
+    def flops(self):
+        return sum(self.by_component.values())
 
     def _free(self, key):
         self.current -= self.live.pop(key, 0)
@@ -132,7 +153,7 @@ class CostCounter(TorchDispatchMode):
                 return out
         out = func(*args, **kwargs)
         if packet in self.registry:
-            self.flops += self.registry[packet](*args, **kwargs, out_val=out)
+            self.by_component[self.component] += self.registry[packet](*args, **kwargs, out_val=out)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -146,13 +167,14 @@ class CostCounter(TorchDispatchMode):
 
 
 def _distill_cost(method, task):
-    """(FLOPs of the whole distillation, iterations, peak bytes, the set). The method's own loop counts each
-    distinct-cost iteration once and scales it (method.COUNT_HOOK), so does a base method it runs."""
+    """(FLOPs of the whole distillation, iterations, peak bytes, the set, FLOPs inside training loops). The method's
+    own loop counts each distinct-cost iteration once and scales it (method.COUNT_HOOK), so does a base method it
+    runs."""
     from .method import IterativeMethod
     with _counting() as c:
         synset = method.distill(task)
     iterations = method.for_task(task).num_iterations(task) if isinstance(method, IterativeMethod) else 1
-    return c["flops"], iterations, c["peak_bytes"], synset
+    return c["flops"], iterations, c["peak_bytes"], synset, c["train_flops"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +207,7 @@ def count_cell(suite, cell):
     method = _method_for(suite, cell)
     from .method import Task
     task = Task(ds, cell.ipc, cell.seed, "meta")
-    flops, iters, peak, synset = _distill_cost(method, task)
+    flops, iters, peak, synset, train_flops = _distill_cost(method, task)
     with meta_host_reads():
         stages = [len(y) for _, y in synset.stage_data(ds)]
     proto = resolve_protocol(suite.protocol, synset)
@@ -196,38 +218,75 @@ def count_cell(suite, cell):
         evals.append((net, proto.batch, per_net * suite.num_eval))
     data_bytes = ds.x_train.numel() * 4 + ds.x_test.numel() * 4
     return {"key": cell.key, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
-            "iterations": iters, "distill_flops": flops, "flops_per_iteration": flops / max(iters, 1),
+            "iterations": iters, "distill_flops": flops, "train_flops": train_flops,
+            "flops_per_iteration": flops / max(iters, 1),
             "eval": evals, "eval_flops": sum(e[2] for e in evals), "train_images": stages[-1],
             "peak_bytes": None if peak is None else peak + data_bytes, "data_bytes": data_bytes}
 
 
-def _time(fn, device, repeats):
-    best = float("inf")
+def _time(fn, device, repeats, with_index=False):
+    """The fastest of `repeats` runs of fn (and which run it was)."""
+    times = []
     for _ in range(repeats):
         synchronize(device)
         t0 = time.perf_counter()
         fn()
         synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    best = min(range(repeats), key=times.__getitem__)
+    return (times[best], best) if with_index else times[best]
 
 
 def calibrate_method(suite, cell, device, repeats):
-    """FLOP rate of the cell's method on `device`: a shrunk run (PROBE_OVERRIDES; batch sizes, network and image
-    size unchanged) timed on random data of the dataset's shape, and its FLOPs counted on meta."""
+    """FLOP rates of the cell's method on `device`, per component (COMPONENTS): a shrunk run (PROBE_OVERRIDES; batch
+    sizes, network and image size unchanged) timed on random data of the dataset's shape, its time inside training
+    loops measured apart, and its FLOPs counted on meta the same way. Returns {'train': rate or None (no training in
+    the probe), 'other': rate, 'probe_s': seconds}."""
+    from . import training
     from .method import Task
     method = _method_for(suite, cell, shrunk(_method_for(suite, cell).config, PROBE_OVERRIDES))
     per_class = max(300, 8 * cell.ipc)
     probe = shape_dataset(cell.dataset, per_class, device, torch.Generator().manual_seed(0))
+    inside = []  # seconds spent in training loops, per timed run
+
+    @contextlib.contextmanager
+    def timer():
+        synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(device)
+            inside[-1] += time.perf_counter() - t0
+
+    def run():
+        inside.append(0.0)
+        method.distill(Task(probe, cell.ipc, cell.seed, device, cache_dir=tempfile.mkdtemp(dir=cache)))
     with tempfile.TemporaryDirectory() as cache:  # a method's reusable artefacts (MTT's experts) are timed
         # being made, as they are counted, and never land in the user's cache
-        run = lambda: method.distill(Task(probe, cell.ipc, cell.seed, device,  # noqa: E731
-                                          cache_dir=tempfile.mkdtemp(dir=cache)))
         if getattr(method.config, "real_pass", "eager") == "compile":
             run()  # compiling is once per process and shape, not per iteration: not in the rate
-        seconds = _time(run, device, repeats)
-    flops, _, _, _ = _distill_cost(method, Task(shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta"))
-    return flops / max(seconds, 1e-9), seconds
+        training.TIMER = timer
+        try:
+            seconds, best = _time(run, device, repeats, with_index=True)
+        finally:
+            training.TIMER = None
+    train_s = inside[best]
+    flops, _, _, _, train_flops = _distill_cost(
+        method, Task(shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta"))
+    other_s = max(seconds - train_s, 1e-9)
+    return {"train": train_flops / train_s if train_flops > 0 and train_s > 0 else None,
+            "other": (flops - train_flops) / other_s if flops > train_flops else 0.0, "probe_s": seconds}
+
+
+def estimate_seconds(row, rate):
+    """Distillation seconds of a counted cell from its method's calibrated rates (per component)."""
+    other = row["distill_flops"] - row["train_flops"]
+    if row["distill_flops"] <= 0:
+        return rate["probe_s"]  # nothing counted (random, full): the probe's own time stands for the cell's
+    if rate["train"] is None:  # the probe trained nothing: the cell's training at the other work's rate
+        return row["distill_flops"] / max(rate["other"], 1e-9)
+    return row["train_flops"] / rate["train"] + (other / rate["other"] if other > 0 else 0.0)
 
 
 def calibrate_eval(dataset_name, network, batch, device, steps=5):
@@ -273,9 +332,7 @@ def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progres
             say(f"calibrating {cell.method} on {cell.dataset} (IPC {cell.ipc}, {device})")
             rates["method"][key] = calibrate_method(suite, cell, device, repeats)
         for row, cell in zip(rows, cells):
-            rate, probe_s = rates["method"][(cell.method, cell.dataset, cell.variant)]
-            # no counted FLOPs (random, full: nothing to distil): the probe's own time stands for the cell's
-            row["distill_s"] = row["distill_flops"] / rate if rate > 0 else probe_s
+            row["distill_s"] = estimate_seconds(row, rates["method"][(cell.method, cell.dataset, cell.variant)])
             row["eval_s"] = 0.0
             for net, batch, flops in row["eval"]:
                 k = (cell.dataset, net, batch)

@@ -11,6 +11,9 @@ from .device import to_device
 # Set by `run.py plan` while it counts FLOPs on the meta device: called as hook(n_steps, run_one_step) instead of
 # the loop (one step is counted and scaled to n_steps: thousands of shape-only steps would take minutes).
 COUNT_HOOK = None
+# Set by `run.py plan` while it calibrates: a context manager every train_steps call runs inside (it times the
+# training loops apart from the rest of a method)
+TIMER = None
 
 
 def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
@@ -21,6 +24,13 @@ def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, ge
     times T^2 (the gradient of T^2 KL(q || softmax(z / T)), as knowledge distillation scales it).
     `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch (with
     `epochs`) or over the steps, as a 0-d tensor on the data's device (float() it where the value is needed)."""
+    if TIMER is not None:
+        with TIMER():
+            return _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature)
+    return _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature)
+
+
+def _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature):
     net.train()
     n = len(y)
     last = torch.zeros((), device=x.device)

@@ -307,7 +307,8 @@ def test_plan_reports_cells_methods_totals_and_memory(tmp_path):
     path.write_text(yaml.safe_dump({"datasets": ["digits"], "methods": ["random", "dc", "iwd+dc"], "ipc": [1, 2],
                                     "preset": "quick", "protocol": "dc-quick", "num_eval": 2,
                                     "eval_networks": ["ConvNetW32"],
-                                    "overrides": {"dc": ["iterations=3"], "iwd+dc": ["iterations=3"]}}))
+                                    "overrides": {"dc": ["iterations=3", "outer_loop=2"],
+                                                  "iwd+dc": ["iterations=3", "outer_loop=2"]}}))
     suite = load_suite(str(path))
     rows, rates = plan_suite(suite, suite.cells(), "cpu")
     by = {r["key"]: r for r in rows}
@@ -315,6 +316,9 @@ def test_plan_reports_cells_methods_totals_and_memory(tmp_path):
     assert dc1["iterations"] == 3 and dc2["flops_per_iteration"] > dc1["flops_per_iteration"] > 0
     assert by["digits__iwd-plus-dc__ipc1__seed0"]["flops_per_iteration"] > dc1["flops_per_iteration"]
     assert by["digits__random__ipc1__seed0"]["distill_flops"] == 0
+    assert 0 < dc1["train_flops"] < dc1["distill_flops"]  # DC trains on its set between matching steps
+    dc_rate = rates["method"][("dc", "digits", "")]
+    assert dc_rate["train"] > 0 and dc_rate["other"] > 0  # each component timed apart
     assert all(r["distill_s"] >= 0 and r["eval_s"] > 0 and r["peak_bytes"] > r["data_bytes"] for r in rows)
     text = format_plan(suite, rows, "cpu", {"digits__dc__ipc1__seed0": 10.0})
     assert "total" in text and "largest cell" in text and "iwd+dc" in text and "est/meas" in text
