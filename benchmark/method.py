@@ -183,7 +183,10 @@ class Checkpoint:
                                  f"path.")
         saved, current = ck.get("config"), dataclasses.asdict(m.config)
         keys = sorted((set(saved or {}) | set(current)) - {"iterations"}) if saved is not None else []
-        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+        # an option added since the checkpoint was made counts as unchanged at its default (what the older code did)
+        defaults = {f.name: f.default for f in dataclasses.fields(m.config) if f.default is not dataclasses.MISSING}
+        changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+                   and not (k not in saved and k in defaults and current.get(k) == defaults[k])]
         if changed:
             raise BenchmarkError(f"checkpoint {self.path} was made with other settings ({'; '.join(changed)}); rerun "
                                  f"with its settings to resume, or delete it to start afresh with these.")

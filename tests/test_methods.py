@@ -164,6 +164,15 @@ def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path,
         m.distill(task_of(digits, 1, 1, checkpoint_path=ck, checkpoint_every=1))
     with pytest.raises(BenchmarkError, match=r"other settings \(lr_img: 0\.1 -> 0\.5\)"):
         create_method("dc", None, TINY + ["lr_img=0.5"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
+    # a checkpoint from before an option existed (its config lacks the key) resumes at the option's default, the
+    # behaviour the older code had, and not under any other value
+    from benchmark.files import save_torch_atomic
+    from benchmark.synthetic import safe_load
+    old = safe_load(ck)
+    del old["config"]["real_pass"]
+    save_torch_atomic(ck, old)
+    with pytest.raises(BenchmarkError, match=r"other settings \(real_pass: None -> 'compile'\)"):
+        create_method("dc", None, TINY + ["real_pass=compile"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
     longer = create_method("dc", None, TINY + ["iterations=4"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
     assert longer.metadata["distill_segments"][-1]["from_iteration"] == 2
 
