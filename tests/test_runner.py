@@ -321,11 +321,15 @@ def test_bench_quick_smoke_writes_report(tmp_path):
     gn = [r for r in sec["ihvp"] if r["curvature"] == "gauss-newton"]
     assert gn and gn[0]["damping"] == 0.01  # PSD: CG never has to raise the damping
     curv = {(r["network"], r["solver"]): r for r in sec["curvature"]}
-    assert len(curv) == 14  # 7 solvers x (fresh network, after 200 SGD steps)
+    assert len(curv) == 20  # (7 solvers + 2 other Hessian batches + the whole batch) x (fresh, after 200 SGD steps)
     for phase in ("fresh network", "after 200 SGD steps"):  # known answers: the reference against itself, and the
         assert curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_converged_gn"] == 1.0  # exact direct solve
         assert curv[(phase, "gauss-newton, Woodbury (exact, direct)")]["spearman_vs_converged_gn"] > 0.999
         assert curv[(phase, "identity (TracIn-like)")]["spearman_vs_identity"] == 1.0
+        whole = curv[(phase, "gauss-newton on the whole real batch (Woodbury, exact)")]
+        assert whole["spearman_vs_whole_batch_gn"] == 1.0
+        assert abs(curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_whole_batch_gn"]
+                   - whole["spearman_vs_converged_gn"]) < 1e-12  # the same pair, read from either side
     md = open(tmp_path / "bench.md").read()
     assert "IWD's explicit scores" in md and res["machine"]["commit"] in md
     bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
