@@ -55,7 +55,8 @@ def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
 
 def test_real_pass_modes_against_eager_autograd(digits64, monkeypatch):
     """DC's faster real-gradient passes (#18) against eager autograd: compile to rounding (float64), bf16 to a
-    cosine above 0.95 per weight tensor (0.97 measured on the first layer); a compiler failure falls back to eager with one warning; an unknown mode is a clear error."""
+    cosine above 0.95 per weight tensor (0.97 measured on the first layer); a compiler failure falls back to eager
+    with one warning; an unknown mode is a clear error."""
     import warnings
 
     from benchmark.networks import get_network
