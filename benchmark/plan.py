@@ -12,8 +12,9 @@ For every pending cell:
   (many small steps: a lower rate) and everything else, each counted and timed apart. Per (method, dataset,
   variant), the smallest pending IPC's settings with the loop counts shrunk (one iteration, <= 2 matching/inner
   steps; batch sizes, network and image size unchanged) on random data of the dataset's shape; per evaluation
-  network and protocol batch, a few timed SGD steps. Data-dependent work (CG stopping early, DM's cheap iterations dominated by launch
-  overhead) is where the estimate can miss; `plan --all` puts measured times of finished cells beside it.
+  network and protocol batch, a few timed SGD steps. Data-dependent work (CG stopping early, DM's cheap iterations
+  dominated by launch overhead) is where the estimate can miss; `plan --all` puts measured times of finished cells
+  beside it.
 """
 import contextlib
 import functools
