@@ -244,6 +244,10 @@ def influence_weighted(cls=None, *, name=None):
                 log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)
             return weights
 
+        def steps_alike(self):
+            """Held iHVP solutions (solve_every > 1) make solving and held steps differ in cost."""
+            return self.config.solve_every == 1 and getattr(super(), "steps_alike", lambda: True)()
+
         def _at_limit(self):
             """Whether the weighting gives the base method's uniform weights whatever the scores."""
             c = self.config

@@ -121,6 +121,10 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
     def before_step(self, task, net, gen):
         """Before each matching step (gradient matching freezes BatchNorm on a few real images here)."""
 
+    def steps_alike(self):
+        """Whether matching steps 0 .. k-2 of an iteration do the same work (run.py plan counts one, scaled)."""
+        return True
+
     def trainable_rows(self, task, state, it):
         """(start, stop, per_class): the rows of state['images'] optimised at iteration it (class-major inside)."""
         return 0, len(state["images"]), len(state["images"]) // task.dataset.num_classes
@@ -215,7 +219,7 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
             if k < k_steps - 1:
                 self.train_between(task, net, opt_net, leaf.detach(), labels, gen)
         count_hook = method_module.COUNT_HOOK
-        if count_hook is not None and k_steps > 2 and getattr(self.config, "solve_every", 1) == 1:
+        if count_hook is not None and k_steps > 2 and self.steps_alike():
             # run.py plan on meta: steps 0 .. k_steps - 2 do the same work (shapes do not change); count one, scale it
             count_hook(k_steps - 1, lambda: one_step(0))
             one_step(k_steps - 1)
