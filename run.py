@@ -312,7 +312,7 @@ def plan(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, res
     totals per method and for the suite."""
     from benchmark import device as devices
     from benchmark.plan import format_plan, plan_suite
-    from benchmark.runner import pending_cells, read_records
+    from benchmark.runner import RunPaths, pending_cells, read_records
     device = devices.resolve(device)
     devices.configure(device)
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
@@ -322,7 +322,7 @@ def plan(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, res
         return
     import time
     t0 = time.time()
-    rows, _ = plan_suite(s, cells, device, calibrate=not no_calibrate,
+    rows, _ = plan_suite(s, cells, device, calibrate=not no_calibrate, cache_dir=RunPaths(run_root, s.name).cache,
                          progress=lambda m: click.echo(f"[{time.time() - t0:6.1f} s] {m}", err=True))
     measured = {r["key"]: r["distill_seconds"] + r["eval_seconds"] for r in read_records(run_root, s.name)} \
         if all_cells else None

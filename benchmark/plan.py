@@ -58,18 +58,25 @@ def shape_dataset(name, per_class=None, device="meta", gen=None):
     return ds.on(device)
 
 
-# Cache files (a feature network, say) that a run of the planned cells will have written by the time a later cell
-# needs them: work cached across cells is counted once, in the first cell that makes it. Reset per plan.
-_planned_caches = set()
+# Cached artefacts (a feature network, an expert trajectory) that a run of the planned cells will have made by the
+# time a later cell needs them: work cached across cells is counted once, in the first cell that makes it.
+# path -> units planned (1 for a network, epochs for a trajectory). Reset per plan.
+_planned_caches = {}
+
+
+def still_to_make(path, amount, on_disk=0):
+    """For a method's counted run: how many of the `amount` units of the cached artefact at `path` the real run
+    would still make, given `on_disk` units already stored and what earlier planned cells make; from now on later
+    cells find them made."""
+    have = max(on_disk, _planned_caches.get(path, 0))
+    if amount > have:
+        _planned_caches[path] = amount
+    return max(0, amount - have)
 
 
 def will_train(path):
-    """For a method's counted run: whether the real run would make the cached artefact at `path` (it is not on disk
-    and no earlier planned cell makes it); from now on, later cells find it made."""
-    if path in _planned_caches or os.path.exists(path):
-        return False
-    _planned_caches.add(path)
-    return True
+    """still_to_make for an artefact made whole (a network file): whether the real run would make it."""
+    return still_to_make(path, 1, on_disk=int(os.path.exists(path))) > 0
 
 
 @contextlib.contextmanager
@@ -201,13 +208,14 @@ def _method_for(suite, cell, overrides=None):
                          [f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in (overrides or {}).items()])
 
 
-def count_cell(suite, cell):
-    """Counted cost of one cell (no device time): distillation FLOPs, evaluation FLOPs, peak memory."""
+def count_cell(suite, cell, cache_dir=None):
+    """Counted cost of one cell (no device time): distillation FLOPs, evaluation FLOPs, peak memory. `cache_dir`:
+    the run's cache of shared artefacts (MTT's expert buffers: what is stored there is not counted)."""
     from evaluation import resolve_protocol
     ds = shape_dataset(cell.dataset)
     method = _method_for(suite, cell)
     from .method import Task
-    task = Task(ds, cell.ipc, cell.seed, "meta")
+    task = Task(ds, cell.ipc, cell.seed, "meta", cache_dir=cache_dir)
     flops, iters, peak, synset, train_flops = _distill_cost(method, task)
     with meta_host_reads():
         stages = [len(y) for _, y in synset.stage_data(ds)]
@@ -311,19 +319,24 @@ def calibrate_eval(dataset_name, network, batch, device, steps=5):
     return _eval_flops_per_image(dataset_name, network, batch)[0] * batch * steps / seconds
 
 
-def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progress=None):
-    """Counted and estimated cost of `cells` of `suite` on `device`. Returns a list of per-cell dicts (with
-    'distill_s', 'eval_s' when calibrated) and the calibration rates."""
+def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progress=None, cache_dir=None):
+    """Counted and estimated cost of `cells` of `suite` on `device` (`cache_dir`: the run root's cache, as
+    runner.RunPaths names it). Returns a list of per-cell dicts (with 'distill_s', 'eval_s' when calibrated) and
+    the calibration rates."""
     say = progress or (lambda *_: None)
     repeats = repeats or (2 if str(device).startswith("cuda") else 1)
     _planned_caches.clear()
     rows, counted = [], {}
-    for cell in cells:  # the seed changes no shape: each (method, dataset, IPC, variant) is counted once
+    for cell in cells:  # the seed changes no shape: each (method, dataset, IPC, variant) is counted once ...
         shape = (cell.method, cell.dataset, cell.ipc, cell.variant)
-        if shape not in counted:
+        row = counted.get(shape)
+        if row is None:
             say(f"counting {cell.key}")
-            counted[shape] = count_cell(suite, cell)
-        rows.append({**counted[shape], "key": cell.key})
+            planned = dict(_planned_caches)
+            row = count_cell(suite, cell, cache_dir)
+            if _planned_caches == planned:  # ... unless it made a cached artefact: the next cell may load it
+                counted[shape] = row
+        rows.append({**row, "key": cell.key})
     rates = {"method": {}, "eval": {}}
     if calibrate:
         probes = {}

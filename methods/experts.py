@@ -31,6 +31,7 @@ from benchmark.errors import BenchmarkError
 from benchmark.files import save_torch_atomic
 from benchmark.locks import file_lock
 from benchmark.networks import get_network
+from benchmark.plan import still_to_make
 from benchmark.synthetic import safe_load
 from benchmark.training import train_steps
 
@@ -84,7 +85,7 @@ def expert_trajectory(task, spec, k, epochs):
     if str(task.device) == "meta":  # shapes only (the device guard, plan's counting): nothing trains or is stored
         return [flat_params(new_network(task, spec, seeds.expert_seed(k)))] * (epochs + 1)
     folder = buffer_dir(task, spec)
-    path = os.path.join(folder, f"expert_{k:04d}.pt")
+    path = expert_path(task, spec, k)
     stored = _read(path, spec)
     if stored is not None and len(stored["params"]) > epochs:
         return stored["params"][:epochs + 1]
@@ -101,13 +102,32 @@ def _load(path, mtime_ns, size):
     return safe_load(path)
 
 
+def expert_path(task, spec, k):
+    return os.path.join(buffer_dir(task, spec), f"expert_{k:04d}.pt")
+
+
 def build_expert(task, spec, k, epochs):
-    """Make sure expert k holds `epochs` epochs (trained now if not). On meta the training runs (so `run.py plan`
-    counts it: once per cell, although cells that share a buffer train it once) and nothing is stored."""
-    if str(task.device) == "meta":
-        _train(task, spec, k, epochs, None, None)
-    else:
+    """Make sure expert k holds `epochs` epochs (trained now if not). On meta the training runs and nothing is
+    stored; `run.py plan` (a shape-only dataset standing for a real one) counts only the epochs the real run would
+    train: not those in the real buffer already, nor again in a later cell sharing the buffer."""
+    if str(task.device) != "meta":
         expert_trajectory(task, spec, k, epochs)
+        return
+    stands_for = getattr(task.dataset, "stands_for", None)
+    if stands_for is not None:
+        real = expert_path(task, dataclasses.replace(spec, dataset=stands_for), k)
+        epochs = still_to_make(real, epochs, on_disk=_stored_epochs(real))
+    if epochs > 0:
+        _train(task, spec, k, epochs, None, None)
+
+
+def _stored_epochs(path):
+    """Epochs stored at `path` (0 when missing or unreadable: the run would train them)."""
+    try:
+        st = os.stat(path)
+        return len(_load(path, st.st_mtime_ns, st.st_size)["params"]) - 1
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _read(path, spec):

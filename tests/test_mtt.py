@@ -187,3 +187,37 @@ def test_plan_times_the_expert_buffer_without_touching_the_users_cache(tmp_path,
     rate = calibrate_method(suite, suite.cells()[0], "cpu", 1)
     assert rate["probe_s"] > 0 and rate["other"] > 0
     assert not (tmp_path / "cache").exists()
+
+
+def test_plan_counts_the_expert_buffer_once_and_not_what_is_stored(digits, tmp_path):
+    """Cells sharing a buffer (seeds 0, 1) train its experts once: the plan counts that training in the first cell
+    only; with the buffer built in the run root's cache, neither cell counts it; with a shorter buffer stored, only
+    the missing epochs are counted."""
+    import yaml
+
+    from benchmark.plan import plan_suite
+    from benchmark.runner import RunPaths
+    from benchmark.suites import load_suite
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "datasets": ["digits"], "methods": ["mtt"], "ipc": [1], "seeds": [0, 1], "preset": "reference",
+        "protocol": "mtt-quick", "num_eval": 1, "eval_networks": ["ConvNetD1"], "reduced": True,
+        "overrides": {"mtt": [f"{k}={v}" for k, v in TINY.items()] + ["dsa=false"]},  # DSA's draws move FLOPs
+        "description": "plan buffer test"}))
+    suite = load_suite(str(tmp_path / "p.yaml"))
+    cache = RunPaths(str(tmp_path / "runs"), suite.name).cache
+    flops = lambda: [r["distill_flops"] for r in plan_suite(  # noqa: E731
+        suite, suite.cells(), "cpu", calibrate=False, cache_dir=cache)[0]]
+    cold = flops()
+    m = create_method("mtt", "reference", {**TINY, "dsa": False}).for_task(Task(digits, 1, 0))
+    epochs = m.expert_epochs_needed(Task(digits, 1, 0))
+    task = Task(digits, 1, 0, cache_dir=cache)
+    for k in range(TINY["num_experts"]):
+        experts.build_expert(task, m.expert_spec(task), k, epochs - 1)  # one epoch short
+    short = flops()
+    for k in range(TINY["num_experts"]):
+        experts.build_expert(task, m.expert_spec(task), k, epochs)
+    warm = flops()
+    buffer = cold[0] - warm[0]
+    assert buffer > 0 and cold[1] == warm[0] == warm[1]  # the second seed loads what the first one trains
+    one_epoch_each = short[0] - warm[0]
+    assert buffer == pytest.approx(epochs * one_epoch_each, rel=1e-6) and short[1] == warm[1]
