@@ -13,8 +13,10 @@ import os
 import shlex
 import sys
 
-from benchmark import allocator  # noqa: E402  (before torch: the allocator tunables must come first)
+from benchmark import allocator  # noqa: E402  (before torch: the allocator comes first)
 
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "iwd-bench":  # a program, not an import
+    allocator.use_tcmalloc()
 allocator.tune()
 
 import click  # noqa: E402

@@ -538,9 +538,11 @@ def section_allocator(s, ds):
 
 
 def section_dc_vs_plain(s, ds):
-    """Ours (this process: tuned allocator) with each real_pass (eager: today's faithful loop; compile; bf16) vs the
-    plain per-class reference loop with default settings; where tcmalloc is installed, ours eager and compiled in a
-    fresh process with it preloaded. The compile rows' warm-up iteration compiles."""
+    """Ours (this process, with the allocator run.py chose: tcmalloc where installed, else tuned glibc) with each
+    real_pass (eager: the faithful loop; compile; bf16) vs the plain per-class reference loop with glibc's default
+    and tuned settings; and ours eager and compiled in a fresh process with the other allocator (tuned glibc when
+    this process has tcmalloc; tcmalloc, where installed, when it has glibc). The compile rows' warm-up iteration
+    compiles."""
     from .real_pass import REAL_PASSES
     rows = []
     for mode in REAL_PASSES:
@@ -552,10 +554,12 @@ def section_dc_vs_plain(s, ds):
         rows.append({"implementation": f"plain per-class loop ({name})", "s": r.get("s", float("nan")),
                      "error": r.get("error", "")})
     tc = allocator.tcmalloc_path()
-    if tc:  # the allocator is the other lever (section allocator): ours in a fresh process with tcmalloc preloaded
+    other = ("glibc tuned (mallopt)", {}) if "tcmalloc" in allocator.mode() else \
+        ("tcmalloc preloaded", {"LD_PRELOAD": tc}) if tc else None
+    if other:  # the allocator is the other lever (section allocator): ours in a fresh process with the other one
         for mode in ("eager", "compile"):
-            r = run_probe(f"ours_dc:{mode}", {"LD_PRELOAD": tc}, s)
-            rows.append({"implementation": f"ours, real_pass={mode}, tcmalloc preloaded (fresh process)",
+            r = run_probe(f"ours_dc:{mode}", other[1], s)
+            rows.append({"implementation": f"ours, real_pass={mode}, {other[0]} (fresh process)",
                          "s": r.get("s", float("nan")), "error": r.get("error", "")})
     plain = next(r["s"] for r in rows if r["implementation"] == "plain per-class loop (glibc default)")
     eager = rows[0]["s"]

@@ -351,3 +351,28 @@ def test_plan_counts_a_cached_feature_network_once_and_not_at_all_when_on_disk(t
     training = cold["a"] - warm["a"]  # the feature network's training, counted in the first cell only
     assert training > 0 and cold["b"] == warm["b"]
     assert warm["a"] < cold["a"] and warm["b"] < cold["a"]
+
+
+def test_run_py_preloads_tcmalloc_where_installed_and_results_are_bit_for_bit_glibcs(tmp_path):
+    """run.py re-executes itself with tcmalloc preloaded (the faster allocator; benchmark.allocator) where the
+    library is installed; the synthetic set is bit for bit the one a glibc process makes, and the record says
+    which allocator ran. IWD_NO_TCMALLOC=1 keeps glibc."""
+    import subprocess
+    import sys
+
+    from benchmark import allocator
+    if allocator.tcmalloc_path() is None:
+        pytest.skip("tcmalloc is not installed here (Debian: libtcmalloc-minimal4)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sets = {}
+    for name, extra in (("auto", {}), ("glibc", {"IWD_NO_TCMALLOC": "1"})):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IWD_TCMALLOC_REEXEC")}
+        out = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, os.path.join(root, "run.py"), "--threads", "1", "distill", "-m", "idc",
+                            "-d", "digits", "--ipc", "1", "--preset", "quick", "--set", "iterations=2", "-o",
+                            str(out)], env={**env, **extra}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        sets[name] = torch.load(out, weights_only=False)
+    assert sets["auto"]["metadata"]["allocator"] == "tcmalloc (LD_PRELOAD)"
+    assert sets["glibc"]["metadata"]["allocator"].startswith("glibc tuned")
+    assert torch.equal(sets["auto"]["images"], sets["glibc"]["images"])
