@@ -254,12 +254,14 @@ def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, 
     """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
     import time
 
-    from benchmark.runner import RunOptions, run_suite
+    from benchmark.runner import RunOptions, pending_cells, run_suite
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     t0 = time.time()
     options = RunOptions(data_root=data_root, download=download, device=device, log=not no_tensorboard)
     done, failures = run_suite(s, run_root, options, executor=executor, workers=workers, address=address)
-    click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed")
+    elsewhere = len(pending_cells(s, run_root)) - len(failures)  # busy: another run of the suite has them
+    click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed"
+               + (f"; {elsewhere} still running in another process (run.py status)" if elsewhere > 0 else ""))
     path = _write_table(s, run_root, results_root)
     if path:
         click.echo(f"leaderboard: {path}")

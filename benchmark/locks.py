@@ -19,9 +19,9 @@ def holder_alive(holder):
 
 
 @contextlib.contextmanager
-def file_lock(path, what, busy_hint, wait_s=0.0, poll_s=2.0):
+def file_lock(path, what, busy_hint, wait_s=0.0, poll_s=2.0, busy_error=BenchmarkError):
     """Hold the lock file `path` for `what`. If a live process holds it: wait up to `wait_s` seconds for it, then
-    fail with a message naming the holder and `busy_hint` (what the user should do)."""
+    raise busy_error with a message naming the holder and `busy_hint` (what the user should do)."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "process": _process_identity(os.getpid()),
           "started": utc_now()}
     tmp = f"{path}.tmp{os.getpid()}-{time.time_ns()}"
@@ -46,7 +46,7 @@ def file_lock(path, what, busy_hint, wait_s=0.0, poll_s=2.0):
                 if time.monotonic() < deadline:
                     time.sleep(poll_s)
                     continue
-                raise BenchmarkError(
+                raise busy_error(
                     f"{what} is being run by pid {holder.get('pid')} on {holder.get('host')} since "
                     f"{holder.get('started')} (lock {path}); {busy_hint}, or, if that process is gone, delete the "
                     f"lock and rerun") from None

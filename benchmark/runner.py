@@ -215,11 +215,15 @@ def log_cell(writer, suite, cell, synset, ds, record):
     writer.close()
 
 
+class CellBusy(BenchmarkError):
+    """Another live process runs this cell."""
+
+
 def cell_lock(paths, cell):
     """One process per cell: two runs of a suite (started twice, or from two machines on a shared disk) must never
-    write the same checkpoint. A cell held by a live process fails with a message naming the holder, and the other
-    cells go on (benchmark.locks)."""
-    return file_lock(paths.lock(cell), f"cell {cell.key}", "let that run finish it")
+    write the same checkpoint. A cell held by a live process raises CellBusy naming the holder: the runner skips
+    it (not a failure: the holder finishes it) and the other cells go on (benchmark.locks)."""
+    return file_lock(paths.lock(cell), f"cell {cell.key}", "let that run finish it", busy_error=CellBusy)
 
 
 def suite_status(suite, run_root):
@@ -325,9 +329,12 @@ def corruption_stats(ds, synset):
 
 
 def _safe_run_cell(suite, cell, run_root, opts: RunOptions):
-    """Run one cell; never raises: returns ('ok', record) or ('failed', message)."""
+    """Run one cell; never raises: returns ('ok', record), ('busy', message: another process runs it) or
+    ('failed', message)."""
     try:
         return "ok", run_cell(suite, cell, run_root, opts)
+    except CellBusy as e:
+        return "busy", str(e)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
         msg = f"{type(e).__name__}: {e}"
         detail = traceback.format_exc()
@@ -347,7 +354,8 @@ def pending_cells(suite, run_root):
 
 def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, executor="inline", workers=None,
               address=None, progress=True, echo=print, gpus_per_cell=None, **option_fields):
-    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)).
+    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)); a cell another
+    live process runs is skipped (reported busy), neither done nor failed.
     options: how cells run (RunOptions; or its fields as keywords: data_root, download, device, log). With
     download, torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
     gpus_per_cell: the Ray executor's GPU request per cell (default 1 on CUDA, 0 otherwise; a test sets it to
@@ -381,6 +389,8 @@ def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, exec
             a = payload["accuracy"]
             echo(f"  done  {cell.key}: {100 * a['mean']:.2f} +- {100 * a['std']:.2f} "
                  f"(distill {payload['distill_seconds']:.0f}s, eval {payload['eval_seconds']:.0f}s)")
+        elif status == "busy":  # another run of the suite has it: that run finishes it
+            echo(f"  busy  {cell.key}: {payload}")
         else:
             failures.append((cell.key, payload))
             echo(f"  FAIL  {cell.key}: {payload}")
