@@ -317,11 +317,38 @@ def test_plan_reports_cells_methods_totals_and_memory(tmp_path):
     assert by["digits__iwd-plus-dc__ipc1__seed0"]["flops_per_iteration"] > dc1["flops_per_iteration"]
     assert by["digits__random__ipc1__seed0"]["distill_flops"] == 0
     assert 0 < dc1["train_flops"] < dc1["distill_flops"]  # DC trains on its set between matching steps
-    dc_rate = rates["method"][("dc", "digits", "")]
+    assert {k[3] for k in rates["method"] if k[0] == "dc"} == {1, 2}  # calibrated per IPC (batches grow with it)
+    dc_rate = rates["method"][("dc", "digits", "", 1)]
     assert dc_rate["train"] > 0 and dc_rate["other"] > 0  # each component timed apart
     assert all(r["distill_s"] >= 0 and r["eval_s"] > 0 and r["peak_bytes"] > r["data_bytes"] for r in rows)
     text = format_plan(suite, rows, "cpu", {"digits__dc__ipc1__seed0": 10.0})
     assert "total" in text and "largest cell" in text and "iwd+dc" in text and "est/meas" in text
+
+
+def test_plan_a_probe_failing_on_random_data_borrows_the_nearest_ipcs_rate(tmp_path, monkeypatch):
+    """A method's own guard can trip on the probe's random data (pdd-mtt's learned learning rate at IPC 10): its
+    cells take the rate of the nearest calibrated IPC, and the report says which; no probe left: a clear error."""
+    import benchmark.plan as plan
+    from benchmark.suites import load_suite
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"datasets": ["digits"], "methods": ["dc"], "ipc": [1, 2, 5], "preset": "quick",
+                                    "protocol": "dc-quick", "num_eval": 1, "eval_networks": ["ConvNetW32"]}))
+    suite = load_suite(str(path))
+    real = plan.calibrate_method
+    monkeypatch.setattr(plan, "calibrate_method", lambda suite, cell, *a: real(suite, cell, *a) if cell.ipc == 1
+                        else (_ for _ in ()).throw(BenchmarkError("learned learning rate fell")))
+    monkeypatch.setattr(plan, "count_cell", lambda suite, cell, cache_dir=None: {
+        "key": cell.key, "method": cell.method, "iterations": 1, "distill_flops": 1e9, "train_flops": 0,
+        "flops_per_iteration": 1e9, "eval": [], "eval_flops": 0, "peak_bytes": 1, "data_bytes": 1})
+    rows, rates = plan.plan_suite(suite, suite.cells(), "cpu")
+    by = {r["key"]: r for r in rows}
+    assert "rate_from_ipc" not in by["digits__dc__ipc1__seed0"]
+    assert by["digits__dc__ipc2__seed0"]["rate_from_ipc"] == by["digits__dc__ipc5__seed0"]["rate_from_ipc"] == 1
+    assert by["digits__dc__ipc5__seed0"]["distill_s"] == by["digits__dc__ipc1__seed0"]["distill_s"] > 0
+    assert "digits__dc__ipc5__seed0 (IPC 1's)" in plan.format_plan(suite, rows, "cpu")
+    monkeypatch.setattr(plan, "calibrate_method", lambda *a: (_ for _ in ()).throw(BenchmarkError("fell")))
+    with pytest.raises(BenchmarkError, match="every calibration probe of dc on digits failed.*--no-calibrate"):
+        plan.plan_suite(suite, suite.cells(), "cpu")
 
 
 def test_plan_counts_a_cached_feature_network_once_and_not_at_all_when_on_disk(tmp_path):
