@@ -285,17 +285,6 @@ def section_curvature(s, ds):
     from scipy.stats import spearmanr
 
     from influence import SolverConfig, implicit_scores
-
-    from .method import Task
-    from .protocol import uniform_weights
-    from .registry import create_method
-    task = Task(ds, 10, 0, s.device)
-    m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu").for_task(task)
-    gen = torch.Generator().manual_seed(0)
-    net = m.fresh_net(task, 0)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    syn = {c: (ds.x_train[ds.class_indices[c][:10]].to(s.device) + 0.1, torch.full((10,), c, device=s.device))
-           for c in range(ds.num_classes)}
     hb = 128  # IWD's default hessian_batch
     solvers = {"gauss-newton, CG to 1e-6": SolverConfig("cg", 0.01, 500, 1e-6, hessian_batch=hb,
                                                         curvature="gauss-newton"),
@@ -308,14 +297,7 @@ def section_curvature(s, ds):
                "EK-FAC (direct)": SolverConfig("cg", 0.01, hessian_batch=hb, curvature="ekfac"),
                "identity (TracIn-like)": SolverConfig("identity", 0.0)}
     rows = []
-    for phase, steps in (("fresh network", 0), ("after 200 SGD steps", 200)):
-        for _ in range(steps):
-            idx = torch.randint(len(ds.y_train), (128,), generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(net(ds.x_train[idx].to(s.device)), ds.y_train[idx].to(s.device)).backward()
-            opt.step()
-        step = m.build_step(task, net, syn, gen, 0)
-        w0 = uniform_weights(step)
+    for phase, step, w0 in _idc_steps(s, ds):
         scores = {}
         for name, cfg in solvers.items():
             t, (sc, info) = timed(lambda: implicit_scores(step, w0, cfg), 1 if "1e-6" in name else s.n, s.device)
@@ -334,25 +316,93 @@ def section_curvature(s, ds):
 WHOLE_BATCH = "gauss-newton on the whole real batch (Woodbury, exact)"
 
 
+def _idc_steps(s, ds):
+    """One IDC matching step (IPC 10, synthetic images = real ones + 0.1) on a fresh network and again after 200 SGD
+    steps on real data: yields (phase, step, uniform weights)."""
+    from .method import Task
+    from .protocol import uniform_weights
+    from .registry import create_method
+    task = Task(ds, 10, 0, s.device)
+    m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu").for_task(task)
+    gen = torch.Generator().manual_seed(0)
+    net = m.fresh_net(task, 0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    syn = {c: (ds.x_train[ds.class_indices[c][:10]].to(s.device) + 0.1, torch.full((10,), c, device=s.device))
+           for c in range(ds.num_classes)}
+    for phase, steps in (("fresh network", 0), ("after 200 SGD steps", 200)):
+        for _ in range(steps):
+            idx = torch.randint(len(ds.y_train), (128,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(net(ds.x_train[idx].to(s.device)), ds.y_train[idx].to(s.device)).backward()
+            opt.step()
+        step = m.build_step(task, net, syn, gen, 0)
+        yield phase, step, uniform_weights(step)
+
+
+def _hessian_batches(step, hb):
+    """Rows of the step's real batch: the default Hessian batch (hb evenly spaced), two disjoint ones (shifted by 2
+    and 4), and all of them (every class's instances: the best estimate of the training loss's curvature the step
+    has)."""
+    n = sum(len(b.y) for b in step.batches)
+    rows = torch.linspace(0, n - 1, hb).round().long()
+    return {"default": rows, "another": (rows + 2).clamp(max=n - 1), "third": (rows + 4).clamp(max=n - 1),
+            "whole": torch.arange(n)}
+
+
+def _exact_gn_scores(step, g_m, rows, damping):
+    """Implicit scores of every instance of the step from the exact damped GN solve (Woodbury) on `rows`."""
+    from influence.kfac import woodbury_inverse
+    from influence.scores import implicit_products
+    x = torch.cat([b.x for b in step.batches])
+    h, info = woodbury_inverse(step.instance_outputs, x[rows.to(x.device)], step.train_params, g_m, damping)
+    return torch.cat(implicit_products(step, h)).cpu(), info
+
+
 def _hessian_batch_scores(step, w0, hb):
     """How much the implicit scores depend on WHICH instances estimate H: the exact GN solve (Woodbury) on two other
-    Hessian batches of hb instances, disjoint from the default one (its evenly spaced rows shifted by 2 and 4), and
-    on the step's whole real batch (every class's instances; the best estimate of the training loss's curvature the
-    step has). Returns {name: (scores, SolveInfo, seconds)}."""
-    from influence.kfac import woodbury_inverse
-    from influence.scores import implicit_products, objective_gradient
-    x = torch.cat([b.x for b in step.batches])
-    n = len(x)
+    Hessian batches of hb instances, disjoint from the default one, and on the step's whole real batch.
+    Returns {name: (scores, SolveInfo, seconds)}."""
+    from influence.scores import objective_gradient
     g_m = objective_gradient(step, w0)
-    rows = torch.linspace(0, n - 1, hb).round().long()
+    batches = _hessian_batches(step, hb)
     out = {}
-    for name, r in ((f"gauss-newton, another {hb} (Woodbury, exact)", (rows + 2).clamp(max=n - 1)),
-                    (f"gauss-newton, a third {hb} (Woodbury, exact)", (rows + 4).clamp(max=n - 1)),
-                    (WHOLE_BATCH, torch.arange(n))):
+    for name, key in ((f"gauss-newton, another {hb} (Woodbury, exact)", "another"),
+                      (f"gauss-newton, a third {hb} (Woodbury, exact)", "third"), (WHOLE_BATCH, "whole")):
         t0 = time.perf_counter()
-        h, info = woodbury_inverse(step.instance_outputs, x[r.to(x.device)], step.train_params, g_m, 0.01)
-        out[name] = (torch.cat(implicit_products(step, h)).cpu(), info, time.perf_counter() - t0)
+        scores, info = _exact_gn_scores(step, g_m, batches[key], 0.01)
+        out[name] = (scores, info, time.perf_counter() - t0)
     return out
+
+
+DAMPINGS = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 10.0)
+
+
+def section_damping(s, ds):
+    """The implicit term's estimator vs its damping (exact GN solves, no solver error), on the curvature section's
+    two IDC steps: how well two disjoint 128-instance Hessian batches agree, how well one agrees with the whole real
+    batch (640), how far the whole batch's answer moves from the default damping's, and how close it is to the
+    identity (TracIn-like: infinite damping). Spearman of the 640 per-instance scores."""
+    from scipy.stats import spearmanr
+
+    from influence.scores import implicit_products, objective_gradient
+    rows = []
+    for phase, step, w0 in _idc_steps(s, ds):
+        g_m = objective_gradient(step, w0)
+        batches = _hessian_batches(step, 128)
+        identity = torch.cat(implicit_products(step, g_m)).cpu()
+        wholes = {}
+        for damping in DAMPINGS:
+            sc = {k: _exact_gn_scores(step, g_m, r, damping)[0] for k, r in batches.items()}
+            wholes[damping] = sc["whole"]
+            rows.append({"network": phase, "damping": damping,
+                         "another_batch": float(spearmanr(sc["default"], sc["another"])[0]),
+                         "third_batch": float(spearmanr(sc["default"], sc["third"])[0]),
+                         "default_vs_whole": float(spearmanr(sc["default"], sc["whole"])[0]),
+                         "whole_vs_identity": float(spearmanr(sc["whole"], identity)[0])})
+        for r in rows:
+            if r["network"] == phase:
+                r["whole_vs_whole_at_0.01"] = float(spearmanr(wholes[r["damping"]], wholes[0.01])[0])
+    return rows
 
 
 def section_warm_start(s, ds):
@@ -592,12 +642,14 @@ def section_memory(s, ds):
 
 
 SECTIONS = {"peak": section_peak, "iterations": section_iterations, "explicit": section_explicit,
-            "ihvp": section_ihvp, "curvature": section_curvature, "warm_start": section_warm_start,
+            "ihvp": section_ihvp, "curvature": section_curvature, "damping": section_damping,
+            "warm_start": section_warm_start,
             "evaluation": section_evaluation,
             "allocator": section_allocator, "dc_vs_plain": section_dc_vs_plain, "memory": section_memory}
 # run only when named: converges CG to 1e-6 at every matching step of two IWD+IDC iterations, minutes on digits but
-# hours on Fashion-MNIST (its committed result, results/warm-start/bench.md, is on digits)
-OPT_IN_SECTIONS = ("warm_start",)
+# hours on Fashion-MNIST (its committed result, results/warm-start/bench.md, is on digits); damping: 56 exact GN
+# solves, minutes (results/damping/bench.md)
+OPT_IN_SECTIONS = ("warm_start", "damping")
 
 
 def run_bench(s: BenchSettings, progress=print):
@@ -699,6 +751,15 @@ def report_markdown(res, command):
                                             ("vs converged Gauss-Newton", "spearman_vs_converged_gn"),
                                             ("vs whole-batch Gauss-Newton", "spearman_vs_whole_batch_gn"),
                                             ("vs identity", "spearman_vs_identity")]), ""]
+    if "damping" in sec:
+        lines += ["## The implicit term's estimator vs damping (one IDC step, IPC 10; exact Gauss-Newton solves; "
+                  "Spearman of the step's per-instance scores)", "",
+                  _table(sec["damping"], [("network", "network"), ("damping", "damping"),
+                                          ("default 128 vs another 128", "another_batch"),
+                                          ("default 128 vs a third 128", "third_batch"),
+                                          ("default 128 vs whole batch", "default_vs_whole"),
+                                          ("whole batch vs whole batch at 0.01", "whole_vs_whole_at_0.01"),
+                                          ("whole batch vs identity", "whole_vs_identity")]), ""]
     if "warm_start" in sec:
         w = sec["warm_start"]
         lines += ["## CG warm start and held solutions (solve_every) along IWD+IDC's matching steps (Spearman of the implicit scores vs CG to 1e-6 on "

@@ -301,6 +301,23 @@ def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
     assert plug.returncode == 2 and "failed to import" in plug.stderr
 
 
+def test_bench_damping_section_known_answers(digits, monkeypatch):
+    """The opt-in damping section on digits with two dampings: each whole-batch answer against itself is 1, and a
+    very large damping makes the solve the identity's (h = g_M / damping: the same ranking as TracIn-like)."""
+    from benchmark import perf
+    import itertools
+    monkeypatch.setattr(perf, "DAMPINGS", (0.01, 1e6))
+    steps = perf._idc_steps
+    monkeypatch.setattr(perf, "_idc_steps", lambda s, ds: itertools.islice(steps(s, ds), 1))  # the fresh network
+    rows = perf.section_damping(perf.BenchSettings(dataset="digits", repeats=1), digits)
+    assert [(r["network"], r["damping"]) for r in rows] == [("fresh network", 0.01), ("fresh network", 1e6)]
+    for r in rows:
+        if r["damping"] == 0.01:
+            assert r["whole_vs_whole_at_0.01"] == 1.0
+        else:
+            assert r["whole_vs_identity"] > 0.999 and r["another_batch"] > 0.999
+
+
 def test_influence_figure_is_a_png(tmp_path, digits):
     from benchmark.figures import influence_figure
     scores = torch.linspace(-1, 1, len(digits.y_train))
