@@ -84,8 +84,8 @@ def expert_trajectory(task, spec, k, epochs):
     on the host: a caller moves the ones it uses), trained now if the buffer holds fewer epochs."""
     if str(task.device) == "meta":  # shapes only (the device guard, plan's counting): nothing trains or is stored
         return [flat_params(new_network(task, spec, seeds.expert_seed(k)))] * (epochs + 1)
-    folder = buffer_dir(task, spec)
     path = expert_path(task, spec, k)
+    folder = os.path.dirname(path)
     stored = _read(path, spec)
     if stored is not None and len(stored["params"]) > epochs:
         return stored["params"][:epochs + 1]
@@ -100,6 +100,11 @@ def expert_trajectory(task, spec, k, epochs):
 def _load(path, mtime_ns, size):
     """One expert file, parsed once per version (each distillation iteration reads one expert)."""
     return safe_load(path)
+
+
+def _load_current(path):
+    st = os.stat(path)
+    return _load(path, st.st_mtime_ns, st.st_size)
 
 
 def expert_path(task, spec, k):
@@ -124,8 +129,7 @@ def build_expert(task, spec, k, epochs):
 def _stored_epochs(path):
     """Epochs stored at `path` (0 when missing or unreadable: the run would train them)."""
     try:
-        st = os.stat(path)
-        return len(_load(path, st.st_mtime_ns, st.st_size)["params"]) - 1
+        return len(_load_current(path)["params"]) - 1
     except Exception:  # noqa: BLE001
         return 0
 
@@ -134,8 +138,7 @@ def _read(path, spec):
     if not os.path.exists(path):
         return None
     try:
-        st = os.stat(path)
-        stored = _load(path, st.st_mtime_ns, st.st_size)
+        stored = _load_current(path)
     except BenchmarkError:
         os.rename(path, path + ".corrupt")  # kept for inspection; the expert is retrained
         return None
