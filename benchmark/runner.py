@@ -80,6 +80,11 @@ def read_records(run_root, suite_name):
 def run_cell(suite: Suite, cell: Cell, run_root, options: RunOptions = None, **option_fields):
     """Distil and evaluate one cell; returns the record (also written to disk). options: RunOptions, or its fields
     as keywords."""
+    return _run_cell(suite, cell, run_root, options, **option_fields)[1]
+
+
+def _run_cell(suite, cell, run_root, options=None, **option_fields):
+    """(ran, record): ran is False when another run of the suite finished the cell since this one listed it."""
     import torch
 
     from . import allocator
@@ -101,8 +106,8 @@ def run_cell(suite: Suite, cell: Cell, run_root, options: RunOptions = None, **o
     with cell_lock(paths, cell):
         finished = read_json(paths.record(cell))
         if finished is not None:
-            return finished  # another run of the suite finished it since this one listed its pending cells
-        return _run_cell_locked(suite, cell, paths, opts)
+            return False, finished  # another run of the suite finished it since this one listed its pending cells
+        return True, _run_cell_locked(suite, cell, paths, opts)
 
 
 def _run_cell_locked(suite, cell, paths, opts):
@@ -329,10 +334,11 @@ def corruption_stats(ds, synset):
 
 
 def _safe_run_cell(suite, cell, run_root, opts: RunOptions):
-    """Run one cell; never raises: returns ('ok', record), ('busy', message: another process runs it) or
-    ('failed', message)."""
+    """Run one cell; never raises: returns ('ok', record), ('elsewhere', record: another process finished it since
+    this one listed it), ('busy', message: another process runs it) or ('failed', message)."""
     try:
-        return "ok", run_cell(suite, cell, run_root, opts)
+        ran, record = _run_cell(suite, cell, run_root, opts)
+        return ("ok" if ran else "elsewhere"), record
     except CellBusy as e:
         return "busy", str(e)
     except Exception as e:  # noqa: BLE001 - a failing cell must not stop the others
@@ -354,8 +360,9 @@ def pending_cells(suite, run_root):
 
 def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, executor="inline", workers=None,
               address=None, progress=True, echo=print, gpus_per_cell=None, **option_fields):
-    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)); a cell another
-    live process runs is skipped (reported busy), neither done nor failed.
+    """Run every pending cell of the suite. Returns (n_done, failures: list of (cell key, message)); n_done counts
+    the cells this run finished. A cell another live process runs is skipped (reported busy), and one another
+    process finished meanwhile is reported as such: neither is done by this run nor failed.
     options: how cells run (RunOptions; or its fields as keywords: data_root, download, device, log). With
     download, torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
     gpus_per_cell: the Ray executor's GPU request per cell (default 1 on CUDA, 0 otherwise; a test sets it to
@@ -389,6 +396,8 @@ def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, exec
             a = payload["accuracy"]
             echo(f"  done  {cell.key}: {100 * a['mean']:.2f} +- {100 * a['std']:.2f} "
                  f"(distill {payload['distill_seconds']:.0f}s, eval {payload['eval_seconds']:.0f}s)")
+        elif status == "elsewhere":  # not counted as done by this run: it did not run the cell
+            echo(f"  done  {cell.key}: finished by another run of the suite")
         elif status == "busy":  # another run of the suite has it: that run finishes it
             echo(f"  busy  {cell.key}: {payload}")
         else:

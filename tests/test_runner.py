@@ -176,6 +176,11 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
     record = read_records(runs, "tiny")[0]
     monkeypatch.setattr(runner, "_run_cell_locked", lambda *a: pytest.fail("ran a finished cell again"))
     assert runner.run_cell(suite, cell, runs, log=False) == record
+    # listed as pending, finished by another run before this one took it: reported so, not counted as this run's
+    monkeypatch.setattr(runner, "pending_cells", lambda *a: [cell])
+    said = []
+    done, failures = run_suite(suite, runs, progress=False, echo=said.append)
+    assert done == 0 and not failures and f"  done  {cell.key}: finished by another run of the suite" in said
 
 
 def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
