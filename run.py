@@ -13,7 +13,10 @@ import os
 import shlex
 import sys
 
-from benchmark import allocator  # noqa: E402  (before torch: the allocator comes first)
+from benchmark.platform import allocator  # noqa: E402  (before torch: the allocator comes first)
+
+# deferred (whole file): each command imports what it uses, so torch (~2 s) loads only in the commands that use it
+# and --help answers at once
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "iwd-bench":  # a program, not an import
     allocator.use_tcmalloc()
@@ -21,7 +24,7 @@ allocator.tune()
 
 import click  # noqa: E402
 
-from benchmark.errors import BenchmarkError  # noqa: E402
+from benchmark.platform.errors import BenchmarkError  # noqa: E402
 
 COMMAND = "python run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -45,7 +48,7 @@ class Main(click.Group):
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def cli(debug, plugin, threads):
     """Dataset-distillation benchmark with Influence-Weighted Distillation (IWD)."""
-    from benchmark.registry import load_plugin
+    from benchmark.core.registry import load_plugin
     if threads:
         import torch
         torch.set_num_threads(threads)
@@ -55,10 +58,10 @@ def cli(debug, plugin, threads):
 
 def _task(dataset, ipc, seed, device, data_root, download, log_dir, name, checkpoint=None, checkpoint_every=0,
           checkpoint_minutes=0.0):
-    from benchmark import device as devices
-    from benchmark.datasets import get_dataset
-    from benchmark.logging import make_writer
-    from benchmark.method import Task
+    from benchmark.platform import device as devices
+    from benchmark.data.datasets import get_dataset
+    from benchmark.platform.logging import make_writer
+    from benchmark.core.method import Task
     device = devices.resolve(device)
     devices.configure(device)
     ds = get_dataset(dataset, data_root, download)
@@ -85,10 +88,10 @@ def with_options(opts):
 @cli.command("list")
 def list_cmd():
     """List methods, datasets, networks, protocols and suites."""
-    from benchmark.datasets import list_datasets
-    from benchmark.networks import list_networks
-    from benchmark.registry import family, get_method, list_methods
-    from benchmark.suites import list_suites
+    from benchmark.data.datasets import list_datasets
+    from benchmark.nn.networks import list_networks
+    from benchmark.core.registry import family, get_method, list_methods
+    from benchmark.grid.suites import list_suites
     from evaluation import list_protocols
     click.echo("methods, by family (the module that registers them; eval: the protocol 'auto' picks):")
     by_family = {}
@@ -109,7 +112,7 @@ def list_cmd():
 
 
 def _check_writable(path, option):
-    from benchmark.files import check_writable
+    from benchmark.platform.files import check_writable
     check_writable(os.path.dirname(os.path.abspath(path)), f"{option} path")
 
 
@@ -129,7 +132,7 @@ def _check_writable(path, option):
 def distill(method, dataset, data_root, download, device, ipc, seed, preset, overrides, out, log_dir,
             checkpoint_every, checkpoint_minutes, resume):
     """Distil a synthetic set and save it."""
-    from benchmark.registry import create_method
+    from benchmark.core.registry import create_method
     m = create_method(method, preset, list(overrides))
     _check_writable(out, "--out")  # before hours of distillation, not after
     ckpt = out + ".ckpt"
@@ -156,9 +159,9 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
 @click.option("--factor", type=int, default=None, help="IDC multi-formation factor for IDC-format files.")
 def evaluate(synset, dataset, data_root, download, device, protocol, network, num_eval, seed, factor):
     """Train fresh networks on a synthetic set (ours, DC/DSA/DM's or IDC's format) and test them."""
-    from benchmark.datasets import get_dataset
-    from benchmark.synthetic import SyntheticSet
-    from benchmark import device as devices
+    from benchmark.data.datasets import get_dataset
+    from benchmark.core.synthetic import SyntheticSet
+    from benchmark.platform import device as devices
     from evaluation import evaluate as run_eval
     device = devices.resolve(device)
     devices.configure(device)
@@ -192,9 +195,9 @@ def influence(method, dataset, data_root, download, device, synset, preset, over
     A positive score: upweighting the instance raises the distillation objective."""
     import torch
 
-    from benchmark.registry import create_method
-    from benchmark.synthetic import SyntheticSet
-    from influence.ablations import score_training_set
+    from benchmark.core.registry import create_method
+    from benchmark.core.synthetic import SyntheticSet
+    from methods.ablations import score_training_set
     m = create_method(method, preset, list(overrides))
     syn = SyntheticSet.load(synset)
     task = _task(syn.metadata.get("dataset", dataset), syn.ipc or 1, seed, device, data_root, download, None, "")
@@ -209,12 +212,12 @@ def influence(method, dataset, data_root, download, device, synset, preset, over
                os.path.splitext(out)[0] + ".pt")
     click.echo(f"scored {len(scores)} instances -> {out}")
     if figure:
-        from benchmark.figures import influence_figure
+        from benchmark.report.figures import influence_figure
         influence_figure(scores, task.dataset, figure_class, figure,
                          title=f"{task.dataset.name} class {figure_class}: influence under {method} vs {synset}")
         click.echo(f"figure -> {figure}")
     if sorted_figure:
-        from benchmark.figures import sorted_by_influence_figure
+        from benchmark.report.figures import sorted_by_influence_figure
         sorted_by_influence_figure(syn, scores, task.dataset, sorted_figure,
                                    title=f"{task.dataset.name}: {os.path.basename(synset)} (red frame) and real "
                                          f"images sorted by influence under {method}, low -> high")
@@ -235,7 +238,7 @@ suite_options = [
 
 
 def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
-    from benchmark.suites import load_suite, narrow
+    from benchmark.grid.suites import load_suite, narrow
     return narrow(load_suite(suite), methods, datasets, ipc, seeds, num_eval, variants=variants)
 
 
@@ -254,7 +257,7 @@ def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, 
     """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
     import time
 
-    from benchmark.runner import RunOptions, pending_cells, run_suite
+    from benchmark.grid.runner import RunOptions, pending_cells, run_suite
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     t0 = time.time()
     options = RunOptions(data_root=data_root, download=download, device=device, log=not no_tensorboard)
@@ -272,17 +275,17 @@ def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, 
 
 
 def _write_table(s, run_root, results_root, command=None):
-    from benchmark.leaderboard import write_leaderboard
-    from benchmark.runner import read_records
+    from benchmark.report.leaderboard import write_leaderboard
+    from benchmark.grid.runner import read_records
     wanted = {c.key for c in s.cells()}
     recs = [r for r in read_records(run_root, s.name) if r["key"] in wanted]
     if not recs:
         return None
     wall = sum(r["distill_seconds"] + r["eval_seconds"] for r in recs)
     out = os.path.join(results_root, s.name)
-    from benchmark.datasets import get_dataset
-    from benchmark.figures import suite_figures
-    from benchmark.runner import RunPaths
+    from benchmark.data.datasets import get_dataset
+    from benchmark.report.figures import suite_figures
+    from benchmark.grid.runner import RunPaths
     suite_figures(recs, out, s.eval_networks, RunPaths(run_root, s.name).sets,
                   lambda name: get_dataset(name, s.data_root or None))
     figs = sorted(os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))) \
@@ -314,9 +317,9 @@ def plan(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, res
     """What a suite will cost before it runs: per pending cell its FLOPs per iteration (counted), iterations,
     estimated distillation and evaluation time on DEVICE (from a short calibration run there) and peak memory;
     totals per method and for the suite."""
-    from benchmark import device as devices
-    from benchmark.plan import format_plan, plan_suite
-    from benchmark.runner import RunPaths, pending_cells, read_records
+    from benchmark.platform import device as devices
+    from benchmark.tools.plan import format_plan, plan_suite
+    from benchmark.grid.runner import RunPaths, pending_cells, read_records
     device = devices.resolve(device)
     devices.configure(device)
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
@@ -338,7 +341,7 @@ def plan(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, res
 def status(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root):
     """Where each cell of a suite stands: done, running (which process, which iteration), interrupted, failed,
     pending."""
-    from benchmark.runner import suite_status
+    from benchmark.grid.runner import suite_status
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     rows = suite_status(s, run_root)
     width = max(len(r["key"]) for r in rows)
@@ -377,7 +380,7 @@ def tensorboard(suite, run_root, start):
 def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
     """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,
     evaluation, allocator, DC vs a plain loop) and write OUT/bench.md + bench.json."""
-    from benchmark.perf import BenchSettings, run_bench, write_report
+    from benchmark.tools.perf import BenchSettings, run_bench, write_report
     s = BenchSettings(quick=quick, dataset=dataset, repeats=repeats, device=device, data_root=data_root,
                       sections=tuple(x for x in sections.split(",") if x), bases=tuple(x for x in bases.split(",") if x))
     res = run_bench(s, progress=lambda m: click.echo(m, err=True))

@@ -21,12 +21,12 @@ from typing import Tuple
 
 import torch
 
-from benchmark import seeds
-from benchmark.augment import DSA, strategy_for
-from benchmark.errors import BenchmarkError, unknown_name
-from benchmark.logging import progress_bar
-from benchmark.networks import get_network
-from benchmark.training import accuracy, train_steps
+from benchmark.core import seeds
+from benchmark.nn.augment import DSA, strategy_for
+from benchmark.platform.errors import BenchmarkError, unknown_name
+from benchmark.platform.logging import progress_bar
+from benchmark.nn.networks import get_network
+from benchmark.nn.training import accuracy, train_steps
 
 
 @dataclass

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from benchmark.platform.errors import BenchmarkError
 
-class InfluenceError(RuntimeError):
-    pass
+
+class InfluenceError(BenchmarkError):
+    """A solver configuration or an influence computation that cannot work, with the fix (one line in the CLI)."""
 
 
 def _dot(a, b):
@@ -181,9 +183,12 @@ class SolverConfig:
     damping_growth: float = 10.0  # CG on non-positive curvature: damping x this, restart (Levenberg-Marquardt style)
     max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
     hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
-    curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs) |
-                                  # kfac | ekfac (Kronecker-factored GN, inverted directly; influence.kfac)
+    curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs)
     notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.damping > 0:  # CG's adaptive damping would multiply 0 by damping_growth forever
+            raise InfluenceError(f"damping must be > 0 (got {self.damping}): it keeps C + damping I invertible")
 
 
 def cg_adaptive(hvp, v, cfg: SolverConfig, x0=None):
@@ -207,7 +212,7 @@ def cg_adaptive(hvp, v, cfg: SolverConfig, x0=None):
         hvp.damping *= cfg.damping_growth
 
 
-CURVATURES = ("hessian", "gauss-newton", "kfac", "ekfac")  # kfac/ekfac: influence.kfac, a direct inverse
+CURVATURES = ("hessian", "gauss-newton")  # the direct solvers of influence.kfac invert GN (influence.solvers)
 
 
 def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None, x0=None):
@@ -222,6 +227,8 @@ def inverse_hvp(loss_fn, params, v, cfg: SolverConfig, outputs=None, x0=None):
 
 def _inverse_hvp(loss_fn, params, v, cfg, outputs, x0):
     v = [t.detach() for t in v]
+    if not cfg.damping > 0:
+        raise InfluenceError(f"damping must be > 0 (got {cfg.damping}): it keeps C + damping I invertible")
     if cfg.curvature not in CURVATURES:
         raise InfluenceError(f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})")
     if cfg.solver == "identity":

@@ -20,15 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.device import to_device
-from benchmark.errors import BenchmarkError
-from benchmark.logging import log_histogram
-from benchmark.method import NonFiniteError
-from benchmark.protocol import IterationContext, WeightedMatching, uniform_weights
-from benchmark.registry import register_method
+from benchmark.platform.device import to_device
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.logging import log_histogram
+from benchmark.core.method import NonFiniteError
+from benchmark.core.protocol import IterationContext, WeightedMatching, uniform_weights
+from benchmark.core.registry import register_method
 
-from .ihvp import CURVATURES, SolverConfig
+from .ihvp import SolverConfig
 from .scores import step_scores, weigh_by_explicit_scores
+from .solvers import check_solver
 
 
 @dataclass
@@ -40,11 +41,11 @@ class IWDOptions:
     trim_top: float = 0.1         # weighting=trim: the fraction of each group's highest-scored instances dropped
     trim_bottom: float = 0.0      # ... and of its lowest-scored ones; uniform weights on the rest
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
-    solver: str = "cg"            # inverse-HVP solver: cg | lissa | exact | identity | woodbury (the exact GN,
-                                  # directly: influence.kfac)
+    solver: str = "cg"            # inverse-HVP solver (influence.solvers.SOLVERS): cg | lissa | exact | identity |
+                                  # woodbury (the exact GN, directly) | kfac | ekfac (approximate GN inverses,
+                                  # measured far less faithful)
     curvature: str = "gauss-newton"  # implicit term's curvature: gauss-newton (PSD; default) | hessian (the exact H:
                                      # indefinite mid-training, CG then raises damping until it is nearly identity)
-                                     # | kfac | ekfac (Kronecker-factored GN, direct; measured far less faithful)
     damping: float = 0.01
     solver_max_iter: int = 20
     solver_tol: float = 1e-4
@@ -111,10 +112,6 @@ def check_iwd_options(cfg):
         (0 <= cfg.trim_top < 1 and 0 <= cfg.trim_bottom < 1 and cfg.trim_top + cfg.trim_bottom < 1,
          f"trim_top and trim_bottom must be in [0, 1) with a sum below 1 (got {cfg.trim_top}, {cfg.trim_bottom})"),
         (cfg.implicit in ("auto", "on", "off"), f"implicit must be auto, on or off (got {cfg.implicit!r})"),
-        (cfg.solver in ("cg", "lissa", "exact", "identity", "woodbury"),
-         f"unknown solver {cfg.solver!r} (cg, lissa, exact, identity, woodbury)"),
-        (cfg.curvature in CURVATURES, f"unknown curvature {cfg.curvature!r} ({', '.join(CURVATURES)})"),
-        (cfg.damping > 0, f"damping must be > 0 (got {cfg.damping}): it keeps H + damping I invertible"),
         (cfg.solver_max_iter >= 1, f"solver_max_iter must be >= 1 (got {cfg.solver_max_iter})"),
         (cfg.solver_tol > 0, f"solver_tol must be > 0 (got {cfg.solver_tol})"),
         (cfg.lissa_scale > 0, f"lissa_scale must be > 0 (got {cfg.lissa_scale})"),
@@ -125,6 +122,7 @@ def check_iwd_options(cfg):
     for ok, message in checks:
         if not ok:
             raise BenchmarkError(message)
+    check_solver(cfg.solver, cfg.curvature, cfg.damping)  # the solver registry's own check of the pair
 
 
 def iwd_config(base_config):
@@ -174,7 +172,7 @@ def influence_weighted(cls=None, *, name=None):
     if cls is None:
         return lambda c: influence_weighted(c, name=name)
     if not issubclass(cls, WeightedMatching):
-        raise TypeError(f"{cls.__name__} does not follow the weighted-statistic protocol (benchmark.protocol."
+        raise TypeError(f"{cls.__name__} does not follow the weighted-statistic protocol (benchmark.core.protocol."
                         f"WeightedMatching); IWD needs its real statistic as a function of instance weights")
 
     class IWDMethod(cls):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark.per_instance import (UnsupportedLayers, block_rows, capture, flatten, layer_blocks, output_grads,
+from .per_instance import (UnsupportedLayers, block_rows, capture, flatten, layer_blocks, output_grads,
                                     unflatten)
 
 from .ihvp import InfluenceError, SolveInfo
@@ -30,8 +30,8 @@ def _blocks(net, params):
     try:
         return layer_blocks(net, params)
     except UnsupportedLayers as e:
-        raise InfluenceError(f"curvature kfac/ekfac and solver woodbury: {e}. Use curvature=gauss-newton with "
-                             f"solver=cg.") from None
+        raise InfluenceError(f"solvers woodbury, kfac and ekfac: {e}. Use solver=cg (with curvature=gauss-newton)"
+                             ) from None
 
 
 def _patches(m, kind, a):

@@ -7,7 +7,7 @@ information the synthetic set does not yet match); IWD gives such instances larg
 Explicit term (eq. 24): <grad_2 Dist, d Phi_real / d w_j>, for all j of a group in O(1) passes: w is a leaf,
 Phi_real(w) is built with create_graph, and one backward of Dist gives every d Dist / d w_j (for gradient matching
 that is a double backward through the real batch). Faster where the step offers per-instance gradients g_j
-(gradient matching, Phi_real(w) = sum_j w_j g_j; benchmark.per_instance): one forward and one backward give every
+(gradient matching, Phi_real(w) = sum_j w_j g_j; influence.per_instance): one forward and one backward give every
 g_j, then d Dist / d w_j = <grad_2 Dist, g_j> and Phi_real at the new weights are matrix products
 (`weigh_by_explicit_scores`): no double backward, and no second pass for the matching step's real statistic.
 
@@ -18,11 +18,11 @@ statistics). ONE inverse-HVP h = (H + damping I)^{-1} g_M per step (H: the exact
 """
 import torch
 
-from benchmark import per_instance
-from benchmark.device import to_device
+from . import per_instance
+from benchmark.platform.device import to_device
 
-from .ihvp import InfluenceError, SolverConfig, inverse_hvp
-from .kfac import kfac_inverse, woodbury_inverse
+from .ihvp import SolverConfig
+from .solvers import solve
 
 SCORE_CHUNK = 128  # instances per double backward of the implicit term's per-instance products (bounds memory)
 
@@ -93,49 +93,50 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None, per_
     if g_m is None:
         g_m = objective_gradient(step, weights)
     xh, yh = x, y
-    if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate: evenly spaced rows cover every class
-        rows = torch.linspace(0, len(y) - 1, solver.hessian_batch).round().long()
-        rows = to_device(rows, y.device)
+    if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate
+        rows = to_device(hessian_rows(len(y), solver.hessian_batch), y.device)
         xh, yh = x[rows], y[rows]
-    if solver.curvature in ("kfac", "ekfac") or solver.solver == "woodbury":  # direct inverses of the network's GN
-        net = step.instance_outputs
-        if not isinstance(net, torch.nn.Module):
-            raise InfluenceError("curvature kfac/ekfac and solver woodbury need the network as step.instance_outputs")
-        if solver.solver == "woodbury":
-            h, info = woodbury_inverse(net, xh, step.train_params, g_m, solver.damping)
-        else:
-            h, info = kfac_inverse(net, xh, step.train_params, g_m, solver.damping,
-                                   eigen_correct=solver.curvature == "ekfac")
-    else:
-        outputs = None
-        if step.instance_outputs is not None and step.output_loss is not None:
-            outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
-        h, info = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), step.train_params, g_m, solver, outputs,
-                              x0)
-    info.solution = h
+    outputs = None
+    if step.instance_outputs is not None and step.output_loss is not None:
+        outputs = (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean())
+    h, info = solve(solver, step.train_params, g_m, lambda: step.instance_loss(xh, yh).mean(), outputs,
+                    (step.instance_outputs, xh), x0)
     return implicit_products(step, h, per_instance_grads), info
 
 
 def implicit_products(step, h, per_instance_grads=True):
-    """-<h, grad l_j> for every instance of every group (per-group tensors): from per-instance gradients where the
-    network allows, else a double backward per chunk."""
+    """-<h, grad l_j> for every instance of every group (per-group tensors)."""
     x = torch.cat([b.x for b in step.batches])
     y = torch.cat([b.y for b in step.batches])
-    net, products = step.instance_outputs, []
-    fast = per_instance_grads and isinstance(net, torch.nn.Module) and step.output_loss is not None and \
-        per_instance.supports(net, step.train_params)
-    for rows in torch.arange(len(y)).split(SCORE_CHUNK):  # <h, grad l_j> per instance: chunks bound memory
+    net = step.instance_outputs if isinstance(step.instance_outputs, torch.nn.Module) else None
+    products = gradient_products(x, y, h, step.train_params, step.instance_loss, net, step.output_loss,
+                                 per_instance_grads)
+    return list(products.split([len(b.y) for b in step.batches]))
+
+
+def gradient_products(x, y, h, params, instance_loss, net=None, output_loss=None, per_instance_grads=True,
+                      chunk=SCORE_CHUNK):
+    """-<h, grad l_j> for every row j of (x, y), by chunks (they bound memory): from per-instance gradients (one
+    forward and one backward per chunk) where the network allows, else a double backward per chunk."""
+    fast = per_instance_grads and net is not None and output_loss is not None and per_instance.supports(net, params)
+    products = []
+    for rows in torch.arange(len(y)).split(chunk):
         rows = to_device(rows, x.device)
-        if fast:  # per-instance gradients from one forward and one backward
-            grads = per_instance.output_loss_gradients(net, x[rows], y[rows], step.train_params, step.output_loss)
+        if fast:
+            grads = per_instance.output_loss_gradients(net, x[rows], y[rows], params, output_loss)
             products.append(grads.dot(h).detach())
             continue
         w = torch.ones(len(rows), dtype=x.dtype, device=x.device, requires_grad=True)
-        grads = torch.autograd.grad((w * step.instance_loss(x[rows], y[rows])).sum(), step.train_params,
-                                    create_graph=True)
+        grads = torch.autograd.grad((w * instance_loss(x[rows], y[rows])).sum(), params, create_graph=True)
         (s,) = torch.autograd.grad(sum((gr * hi).sum() for gr, hi in zip(grads, h)), w)
         products.append(s.detach())
-    return list((-torch.cat(products)).split([len(b.y) for b in step.batches]))
+    return -torch.cat(products)
+
+
+def hessian_rows(n, hessian_batch):
+    """The rows of a batch of n that the curvature is estimated on: `hessian_batch` evenly spaced ones (they cover
+    every class of a class-sorted batch), or all n (hessian_batch 0, or not below n)."""
+    return torch.linspace(0, n - 1, hessian_batch).round().long() if 0 < hessian_batch < n else torch.arange(n)
 
 
 def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None, per_instance_grads=True,
@@ -156,8 +157,8 @@ def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=No
         info.update(implicit=True, held=True, solution=held)
         return [e + i for e, i in zip(explicit, imp)], info
     explicit, g_m = explicit_and_objective_gradient(step, weights)
-    imp, solve = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0, per_instance_grads)
-    info.update(implicit=True, held=False, solution=solve.solution, solver=solve.solver,
-                solver_iterations=solve.iterations, solver_residual=solve.residual,
-                solver_converged=solve.converged, solver_note=solve.note, solver_damping=solve.damping)
+    imp, solved = implicit_scores(step, weights, solver or SolverConfig(), g_m, x0, per_instance_grads)
+    info.update(implicit=True, held=False, solution=solved.solution, solver=solved.solver,
+                solver_iterations=solved.iterations, solver_residual=solved.residual,
+                solver_converged=solved.converged, solver_note=solved.note, solver_damping=solved.damping)
     return [e + i for e, i in zip(explicit, imp)], info

@@ -4,4 +4,4 @@ user's plugin; nothing in benchmark/ or influence/ imports a method."""
 from . import baselines, dc, dm, idc, mtt, pdd  # noqa: F401  random, herding, full; dc, dsa; dm; idc; mtt, pdd-mtt;
 #                                                  pdd, pdd-dc
 from . import iwd_variants  # noqa: F401  iwd+dc, iwd+dsa, iwd+dm, iwd+idc, iwd+pdd, iwd+pdd-dc
-from influence import ablations  # noqa: F401  influence-select, influence-prune-then-distill
+from . import ablations  # noqa: F401  influence-select, influence-prune-then-distill

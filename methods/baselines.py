@@ -6,15 +6,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from benchmark.device import to_device
-from benchmark.files import save_torch_atomic
-from benchmark.method import Method
-from benchmark.networks import get_network
-from benchmark.plan import will_train
-from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet
-from benchmark.training import train_steps
-from influence.ablations import UsesBase
+from benchmark.platform.device import to_device
+from benchmark.platform.files import save_torch_atomic
+from benchmark.core.artefacts import artefact_dir
+from benchmark.core.method import Method
+from benchmark.nn.networks import get_network
+from benchmark.core.registry import register_method
+from benchmark.core.synthetic import SyntheticSet
+from benchmark.nn.training import train_steps
+from .ablations import UsesBase
+from benchmark.platform.errors import BenchmarkError
 
 
 @dataclass
@@ -42,48 +43,47 @@ class HerdingConfig:
     feature_epochs: int = 30      # training of the feature network on the real training set
     lr: float = 0.01
     batch: int = 256
-    cache_dir: Optional[str] = None  # None: $IWD_CACHE, else ~/.cache/iwd-bench
 
 
-_FEATURE_NETS = {}
+_FEATURE_NETS = {}  # in-process: (cache file, device) -> network
 
 
 def feature_network(task, cfg):
-    """A ConvNet trained by the project on the real training set (cached per dataset, network, epochs and seed,
-    in-process and on disk). Never cached: networks trained on meta (shapes only) or on `plan`'s random data.
-    `plan` (a shape-only dataset standing for a real one) counts the training only where the run will train: not
-    when the real dataset's network is in the disk cache already, nor twice for cells sharing one network."""
+    """A network trained by the project on the real training set (SGD momentum 0.9, weight decay 5e-4, lr x0.1 after
+    half the epochs), cached in the task's artefact cache (benchmark.core.artefacts) under a key holding every
+    setting that changes it: dataset (corruptions included), network, epochs, lr, batch, seed. Never cached: networks
+    trained on meta (shapes only). On meta it is trained when the task's observer says the run would make it (for
+    `run.py plan`: not when the network is in the cache already, nor twice for cells sharing one)."""
     ds = task.dataset
-    cacheable = str(task.device) != "meta" and not ds.full_name.endswith("@shape-only")
-    key = (ds.full_name, cfg.network, cfg.feature_epochs, task.seed, str(task.device))
-    if cacheable and key in _FEATURE_NETS:
+    settings = {"dataset": ds.full_name, "network": cfg.network, "epochs": cfg.feature_epochs, "lr": cfg.lr,
+                "batch": cfg.batch, "seed": task.seed, "momentum": 0.9, "weight_decay": 5e-4}
+    path = os.path.join(artefact_dir(task, "feature-networks", settings, f"{ds.full_name}__{cfg.network}"),
+                        "network.pt")
+    meta = str(task.device) == "meta"
+    key = (path, str(task.device))
+    if not meta and key in _FEATURE_NETS:
         return _FEATURE_NETS[key]
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
-    cache = cfg.cache_dir or os.environ.get("IWD_CACHE", os.path.expanduser("~/.cache/iwd-bench"))
-    cache_file = lambda name: os.path.join(  # noqa: E731
-        cache, f"herding-{name}-{cfg.network}-e{cfg.feature_epochs}-s{task.seed}.pt")
-    path = cache_file(ds.full_name)
-    stands_for = getattr(ds, "stands_for", None)
-    if stands_for is not None:  # planning: would the run train this network?
-        if not will_train(cache_file(stands_for)):
-            net.eval()
-            return net  # the run loads it: no training to count (weights do not matter to a count)
+    if meta and not task.observer.units_to_make(path, 1, int(os.path.exists(path)), task.device):
+        net.eval()
+        return net  # the run loads it: no training to count (weights do not matter to a count)
     try:
-        if not cacheable:
+        if meta:
             raise FileNotFoundError(path)
         net.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
     except Exception:  # noqa: BLE001 - missing or stale cache: train it
         gen = torch.Generator().manual_seed(task.seed)
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         train_steps(net, ds.x_train, ds.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch, gen=gen,
-                    lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0))
-        if cacheable:
+                    lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0),
+                    observer=task.observer)
+        if not meta:
             try:
                 save_torch_atomic(path, {k: v.cpu() for k, v in net.state_dict().items()})
             except OSError:
                 pass  # an unwritable cache only costs time
     net.eval()
-    if cacheable:
+    if not meta:
         _FEATURE_NETS[key] = net
     return net
 
@@ -154,11 +154,9 @@ class LossPruneConfig:
     feature_epochs: int = 10
     lr: float = 0.01
     batch: int = 256
-    cache_dir: Optional[str] = None
 
     def validate(self):
         if not 0 < self.keep_fraction <= 1:
-            from benchmark.errors import BenchmarkError
             raise BenchmarkError(f"keep_fraction must be in (0, 1] (got {self.keep_fraction})")
 
 

@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 
-from benchmark.errors import BenchmarkError
-from benchmark.real_pass import check_real_pass
-from benchmark.registry import register_method
-from benchmark.training import train_steps
+from benchmark.platform.errors import BenchmarkError
+from benchmark.nn.real_pass import check_real_pass
+from benchmark.core.registry import register_method
+from benchmark.nn.training import train_steps
 
 from .matching import GradientMatching, dc_loops
 
@@ -37,7 +37,7 @@ class DCConfig:
     dsa: bool = False
     dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
     real_pass: str = "eager"             # eager (faithful) | compile | bf16: how the real gradient is computed
-                                         # (benchmark.real_pass)
+                                         # (benchmark.nn.real_pass)
 
     def validate(self):
         if self.init not in ("noise", "real"):
@@ -81,7 +81,7 @@ class DC(GradientMatching):
 
     def train_between(self, task, net, opt_net, leaf, labels, gen):
         train_steps(net, leaf, labels, opt_net, epochs=self.config.inner_loop, batch=self.config.batch_train,
-                    aug=self.dsa_for(task), gen=gen)
+                    aug=self.dsa_for(task), gen=gen, observer=task.observer)
 
 
 @dataclass

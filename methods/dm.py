@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from benchmark.protocol import MatchingStep
-from benchmark.registry import register_method
+from benchmark.core.protocol import MatchingStep
+from benchmark.core.registry import register_method
 
 from .dc import QUICK_NET
 from .matching import MatchingMethod, has_batchnorm

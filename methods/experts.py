@@ -16,8 +16,6 @@ Deviation: no ZCA whitening (the reference offers it for CIFAR); the data order 
 """
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,15 +23,15 @@ from typing import Optional
 
 import torch
 
-from benchmark import seeds
-from benchmark.augment import DSA
-from benchmark.errors import BenchmarkError
-from benchmark.files import save_torch_atomic
-from benchmark.locks import file_lock
-from benchmark.networks import get_network
-from benchmark.plan import still_to_make
-from benchmark.synthetic import safe_load
-from benchmark.training import train_steps
+from benchmark.core import seeds
+from benchmark.core.artefacts import artefact_dir
+from benchmark.nn.augment import DSA
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.files import save_torch_atomic
+from benchmark.platform.locks import file_lock
+from benchmark.nn.networks import get_network
+from benchmark.core.synthetic import safe_load
+from benchmark.nn.training import train_steps
 
 SAVE_EVERY_S = 60.0  # a running expert is saved at most this often (and when it ends)
 
@@ -49,16 +47,10 @@ class ExpertSpec:
     momentum: float = 0.0
     weight_decay: float = 0.0
 
-    def folder_name(self):
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+    def folder(self, task):
+        """This spec's buffer in the task's artefact cache (one folder per distinct setting)."""
         width = f"w{self.net_width}" if self.net_width else "wdefault"
-        return f"{self.dataset.replace('@', '_').replace('=', '')}__{self.network}-{width}__{digest}"
-
-
-def buffer_dir(task, spec):
-    root = task.cache_dir or os.environ.get("IWD_BENCH_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "iwd-bench")
-    return os.path.join(root, "experts", spec.folder_name())
+        return artefact_dir(task, "experts", dataclasses.asdict(self), f"{self.dataset}__{self.network}-{width}")
 
 
 def new_network(task, spec, seed):
@@ -108,20 +100,18 @@ def _load_current(path):
 
 
 def expert_path(task, spec, k):
-    return os.path.join(buffer_dir(task, spec), f"expert_{k:04d}.pt")
+    return os.path.join(spec.folder(task), f"expert_{k:04d}.pt")
 
 
 def build_expert(task, spec, k, epochs):
-    """Make sure expert k holds `epochs` epochs (trained now if not). On meta the training runs and nothing is
-    stored; `run.py plan` (a shape-only dataset standing for a real one) counts only the epochs the real run would
-    train: not those in the real buffer already, nor again in a later cell sharing the buffer."""
+    """Make sure expert k holds `epochs` epochs (trained now if not). On meta nothing is stored or loaded: the
+    epochs the task's observer says the run would make are trained on shapes (the default observer: all of them;
+    `run.py plan`'s: those neither in the buffer already nor made by an earlier planned cell)."""
     if str(task.device) != "meta":
         expert_trajectory(task, spec, k, epochs)
         return
-    stands_for = getattr(task.dataset, "stands_for", None)
-    if stands_for is not None:
-        real = expert_path(task, dataclasses.replace(spec, dataset=stands_for), k)
-        epochs = still_to_make(real, epochs, on_disk=_stored_epochs(real))
+    path = expert_path(task, spec, k)
+    epochs = task.observer.units_to_make(path, epochs, _stored_epochs(path), task.device)
     if epochs > 0:
         _train(task, spec, k, epochs, None, None)
 
@@ -171,7 +161,8 @@ def _train(task, spec, k, epochs, path, stored):
                                  "rng": gen.get_state(), "optimizer": opt.state_dict()})
 
     while len(params) <= epochs:
-        train_steps(net, ds.x_train, ds.y_train, opt, epochs=1, batch=spec.batch, aug=aug, gen=gen)
+        train_steps(net, ds.x_train, ds.y_train, opt, epochs=1, batch=spec.batch, aug=aug, gen=gen,
+                    observer=task.observer)
         params.append(flat_params(net).to(host))
         if time.monotonic() - last_save >= SAVE_EVERY_S and len(params) <= epochs:
             save()

@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from benchmark.device import to_device
-from benchmark.real_pass import check_real_pass
-from benchmark.registry import register_method
-from benchmark.synthetic import decode_multi_formation
-from benchmark.training import train_steps
+from benchmark.platform.device import to_device
+from benchmark.nn.real_pass import check_real_pass
+from benchmark.core.registry import register_method
+from benchmark.core.synthetic import decode_multi_formation
+from benchmark.nn.training import train_steps
 
 from .dc import QUICK_NET
 from .matching import GradientMatching
@@ -47,7 +47,7 @@ class IDCConfig:
     metric: Optional[str] = None  # None: l1 for MNIST-like data, mse otherwise
     dsa: bool = True
     dsa_strategy: Optional[str] = None
-    real_pass: str = "eager"      # eager (faithful) | compile | bf16 (benchmark.real_pass)
+    real_pass: str = "eager"      # eager (faithful) | compile | bf16 (benchmark.nn.real_pass)
 
     def validate(self):
         check_real_pass(self.real_pass)
@@ -92,7 +92,7 @@ class IDC(GradientMatching):
     def train_between(self, task, net, opt_net, leaf, labels, gen):
         ds, c = task.dataset, self.config
         train_steps(net, ds.x_train, ds.y_train, opt_net, steps=math.ceil(c.n_data / c.batch_net), batch=c.batch_net,
-                    aug=self.dsa_for(task), gen=gen, cutmix_p=c.cutmix_p)
+                    aug=self.dsa_for(task), gen=gen, cutmix_p=c.cutmix_p, observer=task.observer)
 
     def decode(self, task, stored):
         return task.dataset.normalize(decode_multi_formation(stored, self.config.factor))[: self.config.batch_syn_max]

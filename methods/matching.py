@@ -1,7 +1,7 @@
 """The matching base: one loop for every method that matches a statistic of real data with one of synthetic data
 (DC, DSA, DM, IDC, PDD), and gradient matching.
 
-Each outer iteration draws a fresh network (benchmark.seeds), then `match_steps` times: build the step's
+Each outer iteration draws a fresh network (benchmark.core.seeds), then `match_steps` times: build the step's
 statistics per class (`build_step`: the method's statistic), take one SGD step on the synthetic images with the
 (weighted) matching loss, then, except after the last step, `train_between` trains the network (on the synthetic
 set for DC, on real data for IDC; DM's networks never train). Subclasses supply the statistic, `match_steps` and
@@ -14,15 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmark import method as method_module
-from benchmark import per_instance, seeds
-from benchmark.augment import DSA, strategy_for
-from benchmark.device import to_device
-from benchmark.method import IterativeMethod
-from benchmark.networks import get_network
-from benchmark.protocol import IterationContext, MatchingStep, RealBatch, WeightedMatching
-from benchmark.real_pass import run as real_pass_run
-from benchmark.synthetic import SyntheticSet
+from influence import per_instance
+from benchmark.core import seeds
+from benchmark.nn.augment import DSA, strategy_for
+from benchmark.platform.device import to_device
+from benchmark.core.method import IterativeMethod
+from benchmark.nn.networks import get_network
+from benchmark.core.protocol import IterationContext, MatchingStep, RealBatch, WeightedMatching
+from benchmark.nn.real_pass import run as real_pass_run
+from benchmark.core.synthetic import SyntheticSet
 
 # the reference DC loop table: IPC -> (outer_loop, inner_loop)
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -218,10 +218,9 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
             losses.append(loss.detach())  # read on the host once per iteration, not per step
             if k < k_steps - 1:
                 self.train_between(task, net, opt_net, leaf.detach(), labels, gen)
-        count_hook = method_module.COUNT_HOOK
-        if count_hook is not None and k_steps > 2 and self.steps_alike():
+        if task.observer.counting and k_steps > 2 and self.steps_alike():
             # run.py plan on meta: steps 0 .. k_steps - 2 do the same work (shapes do not change); count one, scale it
-            count_hook(k_steps - 1, lambda: one_step(0))
+            task.observer.repeat(k_steps - 1, lambda: one_step(0))
             one_step(k_steps - 1)
         else:
             for k in range(k_steps):
@@ -263,7 +262,7 @@ class GradientMatching(MatchingMethod):
             ones = torch.full((len(ys),), 1.0 / len(ys), device=xs.device, dtype=xs.dtype)
             syn_stats.append(weighted_grad(net, params, augment(g, xs), ys, ones, create_graph=True))
 
-        real_pass = getattr(self.config, "real_pass", "eager")  # benchmark.real_pass; a plugin's config may
+        real_pass = getattr(self.config, "real_pass", "eager")  # benchmark.nn.real_pass; a plugin's config may
         # not have the key
 
         def real_statistic(g, weights, create_graph=False, rows=None):

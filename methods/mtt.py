@@ -25,13 +25,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from benchmark.augment import DSA, strategy_for
-from benchmark.method import IterativeMethod, NonFiniteError
-from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet
+from benchmark.nn.augment import DSA, strategy_for
+from benchmark.platform.errors import BenchmarkError
+from benchmark.core.method import IterativeMethod, NonFiniteError
+from benchmark.core.registry import register_method
+from benchmark.core.synthetic import SyntheticSet
 
 from .dc import QUICK_NET
-from .experts import ExpertSpec, buffer_dir, build_expert, expert_trajectory, new_network
+from .experts import ExpertSpec, build_expert, expert_trajectory, new_network
 from .matching import init_images
 from .pdd import Progressive
 
@@ -73,7 +74,7 @@ class MTTConfig:
                     "batch_syn"):
             v = getattr(self, key)
             if v is not None and v < 1:
-                raise ValueError(f"{key} must be at least 1 (got {v})")
+                raise BenchmarkError(f"{key} must be at least 1 (got {v})")
 
 
 CPU_NET = {"net_width": 32}
@@ -130,7 +131,7 @@ class MTT(IterativeMethod):
             build_expert(task, self.expert_spec(task), k, self.expert_epochs_needed(task))
 
     def buffer_info(self, task):
-        return {"folder": buffer_dir(task, self.expert_spec(task)), "experts": self.config.num_experts,
+        return {"folder": self.expert_spec(task).folder(task), "experts": self.config.num_experts,
                 "epochs": self.expert_epochs_needed(task)}
 
     # --- the loop ----------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.registry import register_method
-from benchmark.synthetic import SyntheticSet
-from benchmark.training import train_steps
+from benchmark.core.registry import register_method
+from benchmark.core.synthetic import SyntheticSet
+from benchmark.nn.training import train_steps
 
 from .dc import CPU_PRESET as DC_CPU, DC, DCConfig, QUICK_NET, QUICK_PRESET as DC_QUICK
 from .idc import IDC, IDCConfig
@@ -75,7 +75,7 @@ class Progressive:
         x, y = earlier.training_data(task.dataset)
         opt = torch.optim.SGD(net.parameters(), lr=self.config.condition_lr, momentum=0.9, weight_decay=5e-4)
         train_steps(net, x.to(task.device), y.to(task.device), opt, epochs=self.config.condition_epochs,
-                    batch=256, gen=gen)
+                    batch=256, gen=gen, observer=task.observer)
 
     def iteration(self, task, state, it, gen):
         if it % self.config.iterations == 0:

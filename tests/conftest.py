@@ -9,18 +9,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("IWD_TEST_THREADS", "2")))  # 1 beside a background run
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _expert_cache(tmp_path_factory):
-    """MTT's expert buffers go to a temporary cache, never to the user's ~/.cache."""
-    os.environ["IWD_BENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    """The one artefact cache (feature networks, expert buffers) is a temporary folder, never the user's ~/.cache."""
+    os.environ["IWD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")
 def digits():
-    from benchmark.datasets import get_dataset
+    from benchmark.data.datasets import get_dataset
     return get_dataset("digits")
 
 
@@ -32,7 +32,7 @@ def digits64(digits):
 
 @pytest.fixture
 def task_of():
-    from benchmark.method import Task
+    from benchmark.core.method import Task
 
     def make(ds, ipc=1, seed=0, **kw):
         return Task(ds, ipc, seed, **kw)

@@ -2,7 +2,7 @@
 import os
 import signal
 
-from benchmark.registry import register_method
+from benchmark.core.registry import register_method
 from methods.baselines import RandomSelect
 
 

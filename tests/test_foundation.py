@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.augment import DSA, cutmix
-from benchmark.datasets import get_dataset, read_idx
-from benchmark.errors import BenchmarkError
-from benchmark.networks import get_network, list_networks
-from benchmark.registry import create_method, get_method
-from benchmark.synthetic import SyntheticSet, decode_multi_formation
+from benchmark.nn.augment import DSA, cutmix
+from benchmark.data.datasets import get_dataset, read_idx
+from benchmark.platform.errors import BenchmarkError
+from benchmark.nn.networks import get_network, list_networks
+from benchmark.core.registry import create_method, get_method
+from benchmark.core.synthetic import SyntheticSet, decode_multi_formation
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -100,8 +100,6 @@ def test_ipc_checks(digits):
 @pytest.mark.parametrize("name", list_networks())
 @pytest.mark.parametrize("ch,size", [(1, 8), (1, 28), (3, 32)])
 def test_every_network_forward_shape(name, ch, size):
-    if name in ("ResNet18", "VGG11", "AlexNet", "ConvNetW256") and size > 8:
-        size = 8 if ch == 1 else size  # keep the slow ones cheap: still checks 3x32
     net = get_network(name, ch, 7, size, seed=0)
     x = torch.randn(2, ch, size, size)
     assert net(x).shape == (2, 7)
@@ -233,19 +231,20 @@ def test_unknown_method_and_bad_overrides():
 
 
 def test_herding_beats_random_and_full_is_far_above(digits, task_of):
-    """On digits (quick protocol, 5 evaluation nets): herding > random at IPC 10; the full-data row far above."""
+    """On digits (quick protocol, 5 evaluation nets): herding > random at IPC 1 (85 vs 64-70 in the committed quick
+    tables; at IPC 10 the two are level there, a coin flip for a test); the full-data row far above."""
     from evaluation import evaluate
-    t = task_of(digits, 10, 0)
+    t = task_of(digits, 1, 0)
     r = evaluate(create_method("random").distill(t), digits, "dc-quick", num_eval=5)
     h = evaluate(create_method("herding", "quick").distill(t), digits, "dc-quick", num_eval=5)
     f = evaluate(create_method("full").distill(t), digits, "auto-quick", num_eval=2)
-    assert h["mean"] > r["mean"]
+    assert h["mean"] > r["mean"] + 0.05, (h["mean"], r["mean"])
     assert f["mean"] > max(h["mean"], r["mean"]) + 0.02
 
 
 # ------------------------------------------------------------------------------------------------ corruptions
 def test_corruptions_change_only_what_they_say():
-    from benchmark.datasets import get_dataset
+    from benchmark.data.datasets import get_dataset
     clean = get_dataset("digits")
     noisy = get_dataset("digits@label-noise=0.2")
     m = noisy.corrupted
@@ -275,7 +274,7 @@ def test_corruptions_change_only_what_they_say():
 def test_roc_auc_against_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
-    from benchmark.corruptions import roc_auc
+    from evaluation.stats import roc_auc
     g = torch.Generator().manual_seed(0)
     labels = torch.rand(300, generator=g) < 0.3
     scores = torch.randn(300, generator=g) + labels.double()
@@ -315,8 +314,8 @@ def test_soft_label_sets_train_with_soft_cross_entropy(tmp_path, digits):
     temperature: one-hot soft labels step exactly like class indices, and the loss at T = 2 is T^2 times the soft
     cross-entropy of logits / T computed by hand; the record says soft labels were used."""
     import torch.nn.functional as F
-    from benchmark.networks import get_network
-    from benchmark.training import train_steps
+    from benchmark.nn.networks import get_network
+    from benchmark.nn.training import train_steps
     from evaluation import evaluate
     x, y = digits.x_train[:20].clone(), digits.y_train[:20].clone()
     nets = [get_network("ConvNetD2", 1, 10, (8, 8), seed=0) for _ in range(3)]

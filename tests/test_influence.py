@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.protocol import MatchingStep, RealBatch, uniform_weights
-from benchmark.registry import create_method
+from benchmark.core.protocol import MatchingStep, RealBatch, uniform_weights
+from benchmark.platform.errors import BenchmarkError
+from benchmark.core.registry import create_method
 from influence import SolverConfig, explicit_scores, implicit_scores, influence_weights, inverse_hvp
 from influence.ihvp import HVP, cg_solve, lissa_solve
 
@@ -297,7 +298,7 @@ def test_influence_predicts_retraining_logistic_regression(digits64):
         real_statistic=lambda g, w, cg=False: (test_loss(W0),), distance=lambda s, r: r[0] - s[0],
         syn_stats=[(torch.zeros((), dtype=torch.float64),)], inner_data="real",
         instance_loss=lambda x, y: F.cross_entropy(x @ W0, y, reduction="none") + 0.5 * lam * (W0 ** 2).sum())
-    (pred,), info = implicit_scores(step, uniform_weights(step), SolverConfig("cg", damping=0.0, max_iter=500,
+    (pred,), info = implicit_scores(step, uniform_weights(step), SolverConfig("cg", damping=1e-12, max_iter=500,
                                                                             tol=1e-12))
     base = float(test_loss(W0))
     order = pred.abs().argsort(descending=True)[:12].tolist() + pred.abs().argsort()[:4].tolist()
@@ -351,7 +352,7 @@ def test_tau_infinity_reproduces_base_method_exactly(digits, task_of):
 def test_whole_set_scores_do_not_depend_on_chunking_and_are_deterministic(digits, task_of, network):
     """Also with BatchNorm (frozen on a few real images first, as matching does; train-mode BN made the scores
     depend on the chunk's composition by ~55%)."""
-    from influence.ablations import reference_set, score_training_set
+    from methods.ablations import reference_set, score_training_set
     m = create_method("dc", None, ["net_width=8", f"network={network}"])
     task = task_of(digits, 1, 0)
     syn = reference_set(task)
@@ -365,7 +366,7 @@ def test_whole_set_scores_do_not_depend_on_chunking_and_are_deterministic(digits
 
 def test_iwd_decorator_for_a_user_method(digits, task_of):
     """A user's own method gets its IWD variant with one line, and its weights are non-uniform."""
-    from benchmark.registry import get_method, register_method
+    from benchmark.core.registry import get_method, register_method
     from influence import influence_weighted
     from methods.dm import DM
 
@@ -390,7 +391,7 @@ def test_iwd_decorator_for_a_user_method(digits, task_of):
 
 
 def test_bad_tau_is_a_clear_error():
-    from benchmark.errors import BenchmarkError
+    from benchmark.platform.errors import BenchmarkError
     with pytest.raises(BenchmarkError, match="tau must be > 0"):
         create_method("iwd+dc", None, ["tau=0"])
     with pytest.raises(BenchmarkError, match="unknown solver"):
@@ -478,7 +479,7 @@ def test_kfac_refuses_layers_it_does_not_cover():
                               torch.nn.LazyLinear(3))
     x = torch.randn(2, 1, 4, 4)
     net(x)
-    with pytest.raises(InfluenceError, match="curvature=gauss-newton"):
+    with pytest.raises(InfluenceError, match="Use solver=cg"):
         kfac_inverse(net, x, list(net.parameters()), [torch.zeros_like(p) for p in net.parameters()], 0.1)
 
 
@@ -567,7 +568,7 @@ def test_whole_set_scores_of_an_idc_base_include_the_implicit_term(digits, task_
     """For a base whose network trains on real data, whole-set scores are what its IWD variant computes on one step
     holding every training instance: explicit + implicit with g_M of the whole objective (here with the exact GN
     solve on the same 7 evenly spaced rows), however the set is chunked."""
-    from influence.ablations import reference_set, score_training_set
+    from methods.ablations import reference_set, score_training_set
     from influence.scores import step_scores
     task = task_of(digits, 1, 0)  # float32: the scoring networks are the method's own
     m = create_method("idc", None, ["net_width=4", "network=ConvNetD1", "factor=1"])
@@ -575,7 +576,7 @@ def test_whole_set_scores_of_an_idc_base_include_the_implicit_term(digits, task_
     cfg = SolverConfig("exact", damping=0.1, curvature="gauss-newton", hessian_batch=7)
     whole = score_training_set(m, task, syn, num_nets=1, chunk=300, solver=cfg)
     r = m.for_task(task)
-    from benchmark import seeds
+    from benchmark.core import seeds
     step = r.scoring_step(task, syn, seeds.scoring_network(0), dict(enumerate(digits.class_indices)),
                           seeds.scoring_generator(0, 0))
     w0 = uniform_weights(step)
@@ -588,11 +589,11 @@ def test_whole_set_scores_of_an_idc_base_include_the_implicit_term(digits, task_
 @pytest.mark.parametrize("network,subset", [("ConvNetD2", "all"), ("ConvNetGN", "all"), ("MLP", "all"),
                                             ("ConvNetD2", "conv weights")])
 def test_per_instance_gradients_against_a_per_sample_loop(digits64, network, subset):
-    """One forward + one backward to the layers' outputs (benchmark.per_instance) against one autograd backward per
+    """One forward + one backward to the layers' outputs (influence.per_instance) against one autograd backward per
     instance (float64), for every parameter or IDC's conv weights only; sums with weights against autograd's
     gradient of the weighted loss. BatchNorm (its statistics mix instances) is refused."""
-    from benchmark.networks import get_network
-    from benchmark.per_instance import cross_entropy, output_loss_gradients, supports
+    from benchmark.nn.networks import get_network
+    from influence.per_instance import cross_entropy, output_loss_gradients, supports
     net = get_network(network, 1, 10, 8, seed=0, width=8).double()
     params = [p for p in net.parameters() if subset == "all" or p.dim() == 4]
     x, y = digits64.x_train[:9], digits64.y_train[:9]
@@ -603,7 +604,7 @@ def test_per_instance_gradients_against_a_per_sample_loop(digits64, network, sub
     gen = torch.Generator().manual_seed(0)
     v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     assert torch.allclose(grads.dot(v), loop @ flat(v), rtol=1e-10, atol=1e-12)
-    from benchmark.per_instance import flatten
+    from influence.per_instance import flatten
     rows = sum(r @ f for r, f in zip(grads.rows(), flatten(grads.blocks, params, v)))  # the materialised layout
     assert torch.allclose(rows, loop @ flat(v), rtol=1e-10, atol=1e-12)
     w = torch.rand(len(y), generator=gen, dtype=x.dtype)
@@ -651,3 +652,65 @@ def test_a_held_solution_scores_like_the_solve_that_made_it(digits, digits64, ta
     out = create_method("iwd+idc", "quick", ["iterations=2", "inner_loop=5", "net_width=8", "solve_every=2"])
     syn = out.distill(task_of(digits, 1, 0))
     assert syn.metadata["solver_summary"]["steps"] == 2 * 3  # steps 0, 2, 4 of each iteration
+
+
+def test_the_solver_registry_refuses_what_cannot_work():
+    """Every (solver, curvature) pair is checked against influence.solvers.SOLVERS, and damping <= 0 is refused at
+    every entry point (IWD's options, SolverConfig, the inverse-HVP function, whole-set scoring)."""
+    from influence.ihvp import InfluenceError, SolverConfig, inverse_hvp
+    from influence.solvers import SOLVERS, check_solver
+    with pytest.raises(InfluenceError, match="solver=woodbury inverts the Gauss-Newton matrix only"):
+        check_solver("woodbury", "hessian", 0.01)  # it used to invert GN silently
+    with pytest.raises(InfluenceError, match="use solver=kfac"):
+        check_solver("cg", "kfac", 0.01)  # curvature=kfac used to override the solver silently
+    with pytest.raises(InfluenceError, match="unknown solver 'newton'"):
+        check_solver("newton", "hessian", 0.01)
+    for name, solver in SOLVERS.items():
+        for curvature in solver.curvatures:
+            check_solver(name, curvature, 0.01)
+    for damping in (0.0, -1.0):
+        with pytest.raises(InfluenceError, match="damping must be > 0"):
+            SolverConfig("cg", damping=damping)
+        with pytest.raises(BenchmarkError, match="damping must be > 0"):
+            create_method("iwd+idc", None, [f"damping={damping}"])
+    cfg = SolverConfig("cg", damping=0.01)
+    cfg.damping = 0.0  # a config changed after construction is still refused by the function itself
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InfluenceError, match="damping must be > 0"):
+        inverse_hvp(lambda: (w ** 4).sum(), [w], [torch.ones(3, dtype=torch.float64)], cfg)
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_an_approximate_solve_records_its_true_residual(solver):
+    """K-FAC and EK-FAC are approximate inverses of GN: their record says not converged, with the relative residual
+    ||(GN + damping I) h - v|| / ||v|| measured against the dense GN (they used to record converged, residual 0)."""
+    from influence.ihvp import SolverConfig
+    from influence.solvers import solve
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(48, 4)).double()
+    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(4, (6,))
+    params = list(net.parameters())
+    v = [torch.randn_like(p) for p in params]
+    outputs = (lambda: net(x), lambda z: F.cross_entropy(z, y))
+    h, info = solve(SolverConfig(solver, damping=0.05, curvature="gauss-newton"), params, v, None, outputs, (net, x))
+    dense = _dense_gn(net, x, params) + 0.05 * torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    want = float((dense @ torch.cat([t.reshape(-1) for t in h]) - flat_v).norm() / flat_v.norm())
+    assert info.residual == pytest.approx(want, rel=1e-6) and want > 1e-3
+    assert not info.converged and "approximate" in info.note
+    exact, winfo = solve(SolverConfig("woodbury", damping=0.05, curvature="gauss-newton"), params, v, None, outputs,
+                         (net, x))
+    assert winfo.converged and torch.allclose(torch.cat([t.reshape(-1) for t in exact]),
+                                              torch.linalg.solve(dense, flat_v), atol=1e-9)
+
+
+def test_per_instance_gradients_refuse_batchnorm_in_training_mode():
+    """A BatchNorm in training mode mixes the batch into every output: no per-instance gradient path, even when
+    its own parameters are not among the ones differentiated; in eval mode (frozen statistics) it is supported."""
+    from influence import per_instance
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, affine=False), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 3))
+    params = [p for p in net.parameters()]
+    assert not per_instance.supports(net.train(), params)
+    assert per_instance.supports(net.eval(), params)

@@ -1,12 +1,13 @@
 """Distillation methods: matching distance, weighted statistic, determinism, resume, PDD stages, loss decrease."""
 import math
+import os
 
 import pytest
 import torch
 
-from benchmark.errors import BenchmarkError
-from benchmark.protocol import uniform_weights
-from benchmark.registry import create_method
+from benchmark.platform.errors import BenchmarkError
+from benchmark.core.protocol import uniform_weights
+from benchmark.core.registry import create_method
 from methods.matching import dc_loops, match_distance, weighted_grad
 
 TINY = ["iterations=3", "net_width=8", "batch_real=8", "inner_loop=2"]
@@ -31,7 +32,7 @@ def test_match_distance_against_direct_formula():
 
 
 def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
-    from benchmark.networks import get_network
+    from benchmark.nn.networks import get_network
     net = get_network("ConvNetW32", 1, 10, 8, seed=0)
     params = list(net.parameters())
     x, y = digits.x_train[:20], digits.y_train[:20]
@@ -41,7 +42,7 @@ def test_uniform_weights_reproduce_the_unweighted_statistic(digits):
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(g_w, g))
     # DM: sum_i w_i embed(x_i) with uniform w is the mean embedding
     dm = create_method("dm", None, ["net_width=8", "batch_real=16", "dsa=false"])
-    from benchmark.method import Task
+    from benchmark.core.method import Task
     task = Task(digits, 1, 0)
     leaf = digits.x_train[torch.cat([digits.class_indices[c][:1] for c in range(10)])]
     dm = dm.for_task(task)
@@ -59,8 +60,8 @@ def test_real_pass_modes_against_eager_autograd(digits64, monkeypatch):
     with one warning; an unknown mode is a clear error."""
     import warnings
 
-    from benchmark.networks import get_network
-    from benchmark import real_pass
+    from benchmark.nn.networks import get_network
+    from benchmark.nn import real_pass
     net = get_network("ConvNetW32", 1, 10, 8, seed=0).double()
     params = list(net.parameters())
     x, y = digits64.x_train[:64], digits64.y_train[:64]
@@ -122,14 +123,20 @@ def test_deterministic_and_resume_equals_uninterrupted(digits, task_of, tmp_path
     m.iteration = crash_second
     with pytest.raises(KeyboardInterrupt):
         m.distill(task_of(digits, ipc, 1, checkpoint_path=ck, checkpoint_every=1))
-    resumed = create_method(method, None, over).distill(task_of(digits, ipc, 1, checkpoint_path=ck,
-                                                                 checkpoint_every=1))
+    from benchmark.core.synthetic import safe_load
+    assert safe_load(ck)["next_iteration"] == 1  # the first iteration was checkpointed before the stop
+    again, ran = create_method(method, None, over), []
+    orig_again = again.iteration
+    again.iteration = lambda task, state, it, gen: ran.append(it) or orig_again(task, state, it, gen)
+    resumed = again.distill(task_of(digits, ipc, 1, checkpoint_path=ck, checkpoint_every=1))
+    assert ran and ran[0] == 1 and 0 not in ran  # resumed from the checkpoint, not restarted from scratch
+    assert [s["from_iteration"] for s in resumed.metadata["distill_segments"]] == [0, 1]
     assert torch.equal(resumed.images, a.images)
 
 
 def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
     """checkpoint_minutes saves on wall time alone (an abrupt stop loses at most that much), and resumes exactly."""
-    from benchmark.synthetic import safe_load
+    from benchmark.core.synthetic import safe_load
     full = create_method("dc", None, TINY).distill(task_of(digits, 1, 1))
     ck = str(tmp_path / "run.ckpt")
     m = create_method("dc", None, TINY)
@@ -150,7 +157,7 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
     # the reported time covers both segments: the one before the stop (kept in the checkpoint) and the resumed one
     assert 0 < saved["elapsed_s"] < resumed.metadata["distill_seconds"]
     # and names the code of each segment (a run of hours may be resumed under a later commit)
-    from benchmark.synthetic import code_commit
+    from benchmark.core.synthetic import code_commit
     assert resumed.metadata["distill_segments"] == [{"commit": code_commit(), "from_iteration": 0},
                                                     {"commit": code_commit(), "from_iteration": 2}]
 
@@ -158,7 +165,7 @@ def test_time_based_checkpoint_resumes_exactly(digits, task_of, tmp_path):
 def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path, interrupt_at):
     """Resuming under other settings would give a set no single config makes: refused, naming what changed. More
     or fewer iterations may resume."""
-    from benchmark.errors import BenchmarkError
+    from benchmark.platform.errors import BenchmarkError
     ck = str(tmp_path / "run.ckpt")
     m = interrupt_at(create_method("dc", None, TINY), 2)
     with pytest.raises(KeyboardInterrupt):
@@ -167,8 +174,8 @@ def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path,
         create_method("dc", None, TINY + ["lr_img=0.5"]).distill(task_of(digits, 1, 1, checkpoint_path=ck))
     # a checkpoint from before an option existed (its config lacks the key) resumes at the option's default, the
     # behaviour the older code had, and not under any other value
-    from benchmark.files import save_torch_atomic
-    from benchmark.synthetic import safe_load
+    from benchmark.platform.files import save_torch_atomic
+    from benchmark.core.synthetic import safe_load
     old = safe_load(ck)
     del old["config"]["real_pass"]
     save_torch_atomic(ck, old)
@@ -180,7 +187,7 @@ def test_a_checkpoint_resumes_only_under_its_settings(digits, task_of, tmp_path,
 
 def test_commit_is_pinned_at_import(monkeypatch):
     """A record names the commit of the code the process imported, not whatever the checkout holds when it ends."""
-    from benchmark import synthetic
+    from benchmark.core import synthetic
     pinned = synthetic.code_commit()
 
     def later_checkout(*args, **kwargs):
@@ -193,7 +200,7 @@ def test_commit_is_dirty_only_for_code_changes(tmp_path):
     """A README edit or a leaderboard a run rewrites under results/ leaves the code clean; a changed .py or suite
     file does not."""
     import subprocess
-    from benchmark.synthetic import commit_of
+    from benchmark.core.synthetic import commit_of
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)
     (repo / "results").mkdir()
@@ -270,7 +277,7 @@ def test_ipc_larger_than_a_class(digits, task_of):
 
 
 def test_evaluation_is_deterministic_and_a_corrupt_checkpoint_is_a_clear_error(digits, task_of, tmp_path):
-    from benchmark.synthetic import SyntheticSet
+    from benchmark.core.synthetic import SyntheticSet
     from evaluation import evaluate
     idx = torch.cat([ix[:2] for ix in digits.class_indices])
     syn = SyntheticSet(digits.x_train[idx].clone(), digits.y_train[idx].clone())
@@ -287,12 +294,34 @@ def test_evaluation_is_deterministic_and_a_corrupt_checkpoint_is_a_clear_error(d
 def test_loss_prune_keeps_the_easy_instances(task_of, tmp_path):
     """Under 20% label noise, the lowest-loss fifth of each class (a briefly trained network) is nearly free of
     mislabeled instances: with `random` as the base, the selected images come from that pool."""
-    from benchmark.datasets import get_dataset
+    from benchmark.data.datasets import get_dataset
     noisy = get_dataset("digits@label-noise=0.2")
-    m = create_method("loss-prune-then-distill", "quick", ["base=random", f"cache_dir={tmp_path}"])
-    syn = m.distill(task_of(noisy, 10, 0))
+    m = create_method("loss-prune-then-distill", "quick", ["base=random"])
+    syn = m.distill(task_of(noisy, 10, 0, cache_dir=str(tmp_path)))
     picked = syn.extras["kept_index"][syn.extras["selected_index"]]  # selected within the kept pool
     kept_share = float(noisy.corrupted[picked].double().mean())
     assert syn.metadata["kept_corrupted_share"] < 0.05
     assert syn.metadata["kept"] == sum(max(10, round(len(ix) * 0.2)) for ix in noisy.class_indices)
     assert float(noisy.corrupted.double().mean()) > 0.15 and kept_share < 0.05, kept_share
+
+
+def test_a_feature_network_is_cached_under_every_setting_that_changes_it(digits, task_of, tmp_path):
+    """Herding's feature network lives in the task's one artefact cache, keyed by all its training settings: a run
+    with another lr or batch trains its own instead of silently loading the one trained with the defaults, and a
+    rerun with the same settings loads the stored network (same weights, no new file)."""
+    from methods.baselines import HerdingConfig, feature_network
+    task = task_of(digits, 1, 0, cache_dir=str(tmp_path))
+    files = lambda: sorted(os.path.relpath(os.path.join(d, f), tmp_path)  # noqa: E731
+                           for d, _, fs in os.walk(tmp_path) for f in fs)
+    base = HerdingConfig(network="ConvNetD1", feature_epochs=1)
+    net = feature_network(task, base)
+    assert len(files()) == 1 and files()[0].startswith("feature-networks" + os.sep)
+    other_lr = feature_network(task, HerdingConfig(network="ConvNetD1", feature_epochs=1, lr=0.05))
+    other_batch = feature_network(task, HerdingConfig(network="ConvNetD1", feature_epochs=1, batch=64))
+    assert len(files()) == 3
+    w = lambda n: torch.cat([p.detach().flatten() for p in n.parameters()])  # noqa: E731
+    assert not torch.equal(w(net), w(other_lr)) and not torch.equal(w(net), w(other_batch))
+    from methods import baselines
+    baselines._FEATURE_NETS.clear()  # a new process: from disk
+    again = feature_network(task, base)
+    assert again is not net and torch.equal(w(again), w(net)) and len(files()) == 3

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from benchmark.errors import BenchmarkError
-from benchmark.method import Task
-from benchmark.registry import create_method, get_method
+from benchmark.platform.errors import BenchmarkError
+from benchmark.core.method import Task
+from benchmark.core.registry import create_method, get_method
 from methods import experts
 from methods.mtt import Student
 
@@ -57,8 +57,8 @@ def test_the_buffer_is_built_once_and_reused_by_a_second_cell(digits, tmp_path, 
     """A suite of two MTT cells (seeds 0 and 1) trains each expert once; rerunning a cell trains none."""
     import yaml
 
-    from benchmark.runner import run_suite
-    from benchmark.suites import load_suite
+    from benchmark.grid.runner import run_suite
+    from benchmark.grid.suites import load_suite
     trained = []
     real_train = experts._train
     monkeypatch.setattr(experts, "_train", lambda *a: trained.append(a[2]) or real_train(*a))
@@ -86,9 +86,9 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch
     torch.set_num_threads({threads})  # the parent's: float sums depend on the thread count
-    from benchmark.datasets import get_dataset
-    from benchmark.method import Task
-    from benchmark.registry import create_method
+    from benchmark.data.datasets import get_dataset
+    from benchmark.core.method import Task
+    from benchmark.core.registry import create_method
     from methods import experts
     experts.SAVE_EVERY_S = 0.0  # save after every epoch
     real = experts.train_steps
@@ -112,7 +112,7 @@ def test_a_killed_expert_build_resumes_exactly(digits, tmp_path):
                                                                      threads=torch.get_num_threads())])
     task = Task(digits, 1, 0, cache_dir=cache)
     m, spec = _spec(task)
-    path = os.path.join(experts.buffer_dir(task, spec), "expert_0000.pt")
+    path = os.path.join(spec.folder(task), "expert_0000.pt")
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -176,9 +176,9 @@ def test_plan_times_the_expert_buffer_without_touching_the_users_cache(tmp_path,
     and leaves the cache as it was."""
     import yaml
 
-    from benchmark.plan import calibrate_method
-    from benchmark.suites import load_suite
-    monkeypatch.setenv("IWD_BENCH_CACHE", str(tmp_path / "cache"))
+    from benchmark.tools.plan import calibrate_method
+    from benchmark.grid.suites import load_suite
+    monkeypatch.setenv("IWD_CACHE", str(tmp_path / "cache"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({
         "datasets": ["digits"], "methods": ["mtt"], "ipc": [1], "seeds": [0], "preset": "reference",
         "protocol": "mtt-quick", "num_eval": 1, "eval_networks": ["ConvNetD1"], "reduced": True,
@@ -195,9 +195,9 @@ def test_plan_counts_the_expert_buffer_once_and_not_what_is_stored(digits, tmp_p
     the missing epochs are counted."""
     import yaml
 
-    from benchmark.plan import plan_suite
-    from benchmark.runner import RunPaths
-    from benchmark.suites import load_suite
+    from benchmark.tools.plan import plan_suite
+    from benchmark.grid.runner import RunPaths
+    from benchmark.grid.suites import load_suite
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({
         "datasets": ["digits"], "methods": ["mtt"], "ipc": [1], "seeds": [0, 1], "preset": "reference",
         "protocol": "mtt-quick", "num_eval": 1, "eval_networks": ["ConvNetD1"], "reduced": True,

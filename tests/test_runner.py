@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from benchmark.runner import read_records, run_suite
-from benchmark.suites import load_suite
+from benchmark.grid.runner import read_records, run_suite
+from benchmark.grid.suites import load_suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DC = ["iterations=3", "net_width=8", "batch_real=8", "inner_loop=2"]
@@ -47,7 +47,7 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     # rerun: nothing left to do
     assert run_suite(suite, runs, progress=False, echo=lambda *_: None) == (0, [])
     # leaderboard in three formats
-    from benchmark.leaderboard import write_leaderboard
+    from benchmark.report.leaderboard import write_leaderboard
     md = write_leaderboard(recs, str(tmp_path / "results"), suite, "python run.py run --suite tiny", suite.methods)
     text = open(md).read()
     assert "| iwd+dc |" in text and "**" in text and "REDUCED" in text and "Welch" in text
@@ -55,9 +55,9 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     assert csv_text.startswith("method,dataset,ipc,mean,std")
     assert "\\begin{tabular}" in open(tmp_path / "results" / "leaderboard.tex").read()
     # Figures 1 and 5 from the influence the IWD set tracked (what `run.py table` draws)
-    from benchmark.datasets import get_dataset
-    from benchmark.figures import suite_figures
-    from benchmark.runner import RunPaths
+    from benchmark.data.datasets import get_dataset
+    from benchmark.report.figures import suite_figures
+    from benchmark.grid.runner import RunPaths
     figs = suite_figures(recs, str(tmp_path / "results"), suite.eval_networks, RunPaths(runs, "tiny").sets,
                          get_dataset)
     assert sorted(os.path.basename(f) for f in figs) == ["tracked_influence_iwd-dc_ipc1_class0.png",
@@ -90,8 +90,8 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
     """Interrupted before the first, then after one of two evaluation networks (status says so each time): the
     reruns neither distil again nor retrain network 0, and end with exactly the accuracies of an uninterrupted run."""
     import evaluation.harness as harness
-    from benchmark.method import IterativeMethod
-    from benchmark.runner import run_cell
+    from benchmark.core.method import IterativeMethod
+    from benchmark.grid.runner import run_cell
     suite = _suite(tmp_path, methods=["dc"])
     cell = suite.cells()[0]
     fresh = run_cell(suite, cell, str(tmp_path / "fresh"), log=False)
@@ -105,7 +105,7 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
                 raise KeyboardInterrupt
             return real_train(*a, **kw)
         return train
-    from benchmark.runner import suite_status
+    from benchmark.grid.runner import suite_status
     for stop, status in ((1, "distilled; 0 of 2"), (2, "distilled; 1 of 2")):  # stop at the first, then the second
         trained.clear()
         monkeypatch.setattr(harness, "train_and_test", stop_at(stop))
@@ -126,9 +126,9 @@ def test_a_stop_during_evaluation_keeps_the_set_and_the_evaluated_networks(tmp_p
 
 def test_a_saved_set_is_reused_only_under_the_same_config(tmp_path, digits):
     import dataclasses
-    from benchmark.registry import create_method
-    from benchmark.runner import _distilled_before
-    from benchmark.synthetic import SyntheticSet
+    from benchmark.core.registry import create_method
+    from benchmark.grid.runner import _distilled_before
+    from benchmark.core.synthetic import SyntheticSet
     m = create_method("dc", None, TINY_DC)
     path = str(tmp_path / "cell.pt")
     assert _distilled_before(path, m) is None  # nothing saved
@@ -145,7 +145,7 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
     failed record; the holder finishes it) and the other cells go on; a lock whose process is gone is taken over;
     a cell another run finished meanwhile is not run again."""
     import socket
-    import benchmark.runner as runner
+    import benchmark.grid.runner as runner
     suite = _suite(tmp_path, methods=["random"])
     cell, runs = suite.cells()[0], str(tmp_path / "runs")
     lock = os.path.join(runs, "tiny", "checkpoints", cell.key + ".lock")
@@ -185,10 +185,10 @@ def test_two_runs_of_a_suite_never_run_one_cell_at_once(tmp_path, monkeypatch):
 
 def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
     import socket
-    from benchmark.method import Task
-    from benchmark.registry import create_method
-    from benchmark.runner import run_cell
-    from benchmark.datasets import get_dataset
+    from benchmark.core.method import Task
+    from benchmark.core.registry import create_method
+    from benchmark.grid.runner import run_cell
+    from benchmark.data.datasets import get_dataset
     suite = _suite(tmp_path, methods=["random", "dc"], ipc=[1, 2, 3])
     runs = str(tmp_path / "runs")
     cells = {c.key: c for c in suite.cells()}
@@ -222,8 +222,8 @@ def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
 def test_reported_rows_are_marked_and_keep_a_missing_std_missing(tmp_path):
     """Published numbers appear as '(reported)' rows in all three formats; IDC's Fashion-MNIST numbers come without
     a std in its paper, and the table must not invent one."""
-    from benchmark.leaderboard import write_leaderboard
-    from benchmark.runner import run_cell
+    from benchmark.report.leaderboard import write_leaderboard
+    from benchmark.grid.runner import run_cell
     suite = _suite(tmp_path, methods=["random"])
     record = dict(run_cell(suite, suite.cells()[0], str(tmp_path / "runs"), log=False), dataset="fashion-mnist")
     md = open(write_leaderboard([record], str(tmp_path / "out"), suite, "cmd")).read()
@@ -255,10 +255,10 @@ def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert len(read_records(runs, "killme")) == 1
-    from benchmark.datasets import get_dataset
-    from benchmark.method import Task
-    from benchmark.registry import create_method
-    from benchmark.synthetic import SyntheticSet
+    from benchmark.data.datasets import get_dataset
+    from benchmark.core.method import Task
+    from benchmark.core.registry import create_method
+    from benchmark.core.synthetic import SyntheticSet
     resumed = SyntheticSet.load(glob.glob(os.path.join(runs, "killme", "sets", "*.pt"))[0])
     fresh = create_method("dc", None, over).distill(Task(get_dataset("digits"), 1, 0))
     assert torch.equal(resumed.images, fresh.images)
@@ -279,7 +279,7 @@ def test_ray_executor_on_a_local_cluster(tmp_path, monkeypatch):
 def test_process_executor_survives_a_killed_worker(tmp_path):
     """Fault injection: one cell's worker is killed with SIGKILL (a plugin method loaded with --plugin, which the
     workers must import too); that cell fails with a clear message, every other cell writes its record."""
-    from benchmark.registry import load_plugin
+    from benchmark.core.registry import load_plugin
     load_plugin("killer_plugin")
     suite = _suite(tmp_path, name="pooled", methods=["random", "test-killer"], ipc=[1, 2, 3], num_eval=1)
     runs = str(tmp_path / "runs")
@@ -309,7 +309,7 @@ def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
 def test_bench_damping_section_known_answers(digits, monkeypatch):
     """The opt-in damping section on digits with two dampings: each whole-batch answer against itself is 1, and a
     very large damping makes the solve the identity's (h = g_M / damping: the same ranking as TracIn-like)."""
-    from benchmark import perf
+    from benchmark.tools import perf
     import itertools
     monkeypatch.setattr(perf, "DAMPINGS", (0.01, 1e6))
     steps = perf._idc_steps
@@ -324,7 +324,7 @@ def test_bench_damping_section_known_answers(digits, monkeypatch):
 
 
 def test_influence_figure_is_a_png(tmp_path, digits):
-    from benchmark.figures import influence_figure
+    from benchmark.report.figures import influence_figure
     scores = torch.linspace(-1, 1, len(digits.y_train))
     out = influence_figure(scores, digits, 3, str(tmp_path / "fig.png"))
     with open(out, "rb") as f:
@@ -364,7 +364,7 @@ def test_bench_quick_smoke_writes_report(tmp_path):
 
 
 def test_iteration_timing_covers_iwd_and_plain_dc(digits):
-    from benchmark.perf import iteration_times
+    from benchmark.tools.perf import iteration_times
     r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
     assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]
     plain = iteration_times("dc", "quick", digits, 2, "cpu", 1)  # plain DC: timed, no influence share
@@ -374,7 +374,7 @@ def test_iteration_timing_covers_iwd_and_plain_dc(digits):
 
 def _hammer(args):
     """One writer process: many atomic writes, half of them to keys the other writer also writes."""
-    from benchmark.runner import write_json_atomic
+    from benchmark.grid.runner import write_json_atomic
     folder, who = args
     for i in range(60):
         key = f"shared{i % 10}" if i % 2 else f"{who}_{i}"
@@ -401,8 +401,8 @@ def test_nan_in_influence_scores_stops_the_cell_keeping_the_checkpoint(tmp_path,
     """A NaN score never reaches the weights: the cell stops naming the iteration and the last good checkpoint,
     which is kept; the other cells of the suite still finish."""
     import influence.iwd as iwd
-    from benchmark.method import NonFiniteError, Task
-    from benchmark.registry import create_method
+    from benchmark.core.method import NonFiniteError, Task
+    from benchmark.core.registry import create_method
     real, real_fast = iwd.step_scores, iwd.weigh_by_explicit_scores
 
     def poisoned(step, *a, **k):  # the double-backward path
@@ -436,6 +436,9 @@ def test_bad_input_is_one_line_with_the_fix(tmp_path):
              (["distill", "-m", "dc", "--ipc", "0", "-o", "x.pt"], "IPC must be at least 1"),
              (["distill", "-m", "iwd+dc", "--set", "tau=0", "-o", "x.pt"], "tau must be > 0"),
              (["distill", "-m", "dc", "--set", "iterations=1.5", "-o", "x.pt"], "expects int"),
+             (["distill", "-m", "mtt", "--set", "syn_steps=0", "-o", "x.pt"], "syn_steps must be at least 1"),
+             (["distill", "-m", "iwd+idc", "--set", "solver=woodbury", "--set", "curvature=hessian", "-o", "x.pt"],
+              "solver=woodbury inverts the Gauss-Newton matrix only"),
              (["distill", "-m", "random", "-o", str(tmp_path / "f" / "x.pt")], "choose a writable --out"),
              (["run", "--suite", "quik"], "Did you mean 'quick'"),
              (["run", "--suite", "quick", "--run-root", str(tmp_path / "f" / "runs")], "writable --run-root"),
@@ -454,8 +457,8 @@ def test_bad_input_is_one_line_with_the_fix(tmp_path):
 
 def test_tau_architecture_and_sorted_figures(tmp_path, digits):
     """Figures 4a, 4b (from records, as the table command draws them) and 5 (from a set and scores) are PNGs."""
-    from benchmark.figures import sorted_by_influence_figure, suite_figures
-    from benchmark.synthetic import SyntheticSet
+    from benchmark.report.figures import sorted_by_influence_figure, suite_figures
+    from benchmark.core.synthetic import SyntheticSet
 
     def rec(method, ipc, tau, accs):
         ev = {net: {"accuracies": [a - k for a in accs]} for k, net in enumerate(["ConvNet", "ResNet10"])}
@@ -482,14 +485,14 @@ def test_corrupted_cell_records_the_corruption_and_influence_auc(tmp_path):
     assert 0 < rec["corruption_scored_corrupted"] < rec["corruption_scored"]
     assert 0 < rec["corruption_auc_z_class_mean"] < 1 and rec["corruption_auc_z_class_std"] >= 0
     assert rec["corruption_weight_corrupted"] > 0 and rec["corruption_weight_clean"] > 0
-    from benchmark.leaderboard import corruption_section
+    from benchmark.report.leaderboard import corruption_section
     assert any("ROC AUC" in line for line in corruption_section([rec]))
 
 
 def test_gain_over_random_and_reported_table1_rows():
     """The gain line subtracts random's mean in each column from every ranked row (selection rows are not listed);
     the IWD paper's Table-1 rows we do not run are reported where their datasets appear."""
-    from benchmark.leaderboard import REPORTED, gain_over_random
+    from benchmark.report.leaderboard import REPORTED, gain_over_random
     cols = [("cifar10", 1), ("cifar10", 10)]
     rows = {"random": {cols[0]: {"mean": 14.0}, cols[1]: {"mean": 26.0}},
             "herding": {cols[0]: {"mean": 20.0}}, "dc": {cols[0]: {"mean": 28.5}}}
@@ -501,7 +504,7 @@ def test_gain_over_random_and_reported_table1_rows():
 def test_an_iwd_row_is_compared_with_its_base_over_the_seeds_both_have():
     """A partly run suite: the base has seeds 0-2, the IWD row seed 0 only. The difference is seed 0's (not one seed
     against three), and the table says so."""
-    from benchmark.leaderboard import _fmt, build_table
+    from benchmark.report.leaderboard import _fmt, build_table
 
     def rec(method, seed, accs):
         return {"method": method, "dataset": "digits", "ipc": 1, "seed": seed, "variant": "",
@@ -522,8 +525,8 @@ def test_an_iwd_row_is_compared_with_its_base_over_the_seeds_both_have():
 def test_every_committed_suite_builds_every_cell():
     """Every suite under benchmark/suites loads, and every cell's method (and the base a method runs) builds its
     config from the suite's preset, overrides and variant: a typo in a key fails here, not hours into a run."""
-    from benchmark.registry import create_method
-    from benchmark.suites import list_suites, load_suite
+    from benchmark.core.registry import create_method
+    from benchmark.grid.suites import list_suites, load_suite
     for name in list_suites():
         suite = load_suite(name)
         for cell in suite.cells():

@@ -15,7 +15,7 @@ method.
 import fnmatch
 import importlib
 
-from .errors import BenchmarkError, unknown_name
+from benchmark.platform.errors import BenchmarkError, unknown_name
 
 _METHODS = {}
 _BUILTINS_LOADED = False
@@ -62,7 +62,7 @@ def get_method(name):
         base = _METHODS.get(name[len("iwd+"):]) if name.startswith("iwd+") else None
         if base is not None:  # a method IWD does not apply to: say why, not just "unknown"
             why = getattr(base, "no_iwd", None) or (
-                f"{base.name} does not follow the weighted-statistic protocol (benchmark.protocol.WeightedMatching)")
+                f"{base.name} does not follow the weighted-statistic protocol (benchmark.core.protocol.WeightedMatching)")
             raise BenchmarkError(f"there is no {name}: {why}. IWD variants: {', '.join(list_methods('iwd+*'))}")
         raise unknown_name("method", name, _METHODS)
     return _METHODS[name]

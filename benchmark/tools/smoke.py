@@ -3,6 +3,10 @@ device mismatches from landing (the `meta` device stands in for CUDA on a CPU-on
 CPU tensors raises, exactly as CPU and CUDA do). Works for any registered method, a user's plugin method too.
 """
 import dataclasses
+from benchmark.core.method import Task
+from benchmark.core.registry import create_method, get_method
+from benchmark.platform.device import meta_host_reads
+from evaluation import evaluate, resolve_protocol
 
 # the loop lengths a tiny run shortens, where a method's config has them (others are left as the preset sets them)
 TINY_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 1,
@@ -32,11 +36,7 @@ def run_on_device(method_name, dataset, device="meta", ipc=2, network="ConvNetD2
     reads return zeros (device.meta_host_reads); mixing devices raises."""
     import contextlib
 
-    from evaluation import evaluate, resolve_protocol
 
-    from .device import meta_host_reads
-    from .method import Task
-    from .registry import create_method, get_method
     cls = get_method(method_name)
     over = {**tiny_config_overrides(cls, preset), **(overrides or {})}
     method = create_method(method_name, preset if preset in cls.presets else None, over)

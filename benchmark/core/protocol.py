@@ -58,7 +58,7 @@ class MatchingStep:
         of their mean over the step's real batches is the one the implicit term inverts.
     instance_outputs(x), output_loss(z, y) -> the network's outputs (logits) and the per-instance loss of outputs, with
         instance_loss(x, y) = output_loss(instance_outputs(x), y): what the Gauss-Newton curvature needs (optional).
-    instance_gradients(g) -> benchmark.per_instance.InstanceGradients of group g's real batch, when Phi_real is a
+    instance_gradients(g) -> influence.per_instance.InstanceGradients of group g's real batch, when Phi_real is a
         weighted gradient, Phi_real(w) = sum_j w_j grad l_j (gradient matching), and the network's layers allow
         per-instance gradients from one pass (optional): scores and the statistic at any weights are then matrix
         products, with no further pass over the real batch.

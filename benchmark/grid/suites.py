@@ -10,8 +10,8 @@ from typing import Dict, List
 
 import yaml
 
-from .errors import BenchmarkError, unknown_name
-from .registry import get_method
+from benchmark.platform.errors import BenchmarkError, unknown_name
+from benchmark.core.registry import get_method
 
 SUITE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suites")
 

@@ -11,7 +11,10 @@ from collections import OrderedDict
 
 from evaluation.stats import summarize, welch_test
 
-from .files import utc_now
+from benchmark.platform.files import utc_now
+from benchmark.core.method import Method
+from benchmark.core.registry import get_method
+from benchmark.platform.errors import BenchmarkError
 
 # Published numbers (ConvNet-3), from protocols.md and the IWD paper's Table 1: (dataset, ipc) -> (mean, std)
 def _table1(cifar10=(), cifar100=(), svhn=()):
@@ -64,9 +67,6 @@ def _trait(method_name, trait):
     """A method's declared trait (`ranked`: selection baselines and the upper bound are not; `uses_ipc`: the
     upper bound's one cell spans every IPC column). A method not registered here (a plugin not loaded) gets the
     defaults."""
-    from .errors import BenchmarkError
-    from .method import Method
-    from .registry import get_method
     try:
         return getattr(get_method(method_name), trait)
     except BenchmarkError:

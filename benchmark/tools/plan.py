@@ -18,9 +18,9 @@ For every pending cell:
   beside it.
 """
 import contextlib
+import dataclasses
 import functools
 import math
-import os
 import tempfile
 import time
 import weakref
@@ -29,10 +29,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .datasets import Dataset, dataset_spec
-from .errors import BenchmarkError
-from .device import meta_host_reads, synchronize
+from benchmark.data.datasets import Dataset, dataset_spec
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.device import meta_host_reads, synchronize
+from benchmark.platform.observe import Observer
 from .smoke import shrunk
+from benchmark.core.method import IterativeMethod, Task
+from benchmark.core.registry import create_method
+from benchmark.data import corruptions
+from benchmark.nn.networks import get_network
+from evaluation import resolve_protocol
 
 PROBE_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 2,
                    "feature_epochs": 1, "base_set": ("iterations=1",)}
@@ -41,7 +47,6 @@ PROBE_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer
 def shape_dataset(name, per_class=None, device="meta", gen=None):
     """A dataset with the shape of `name` (real class count, image size; the real split sizes, or per_class
     images per class) filled with random data (or nothing, on meta). Labels are balanced."""
-    from . import corruptions
     base = corruptions.parse(name)[0]
     spec = dataset_spec(base)
     n_train, n_test = spec.splits
@@ -55,66 +60,76 @@ def shape_dataset(name, per_class=None, device="meta", gen=None):
     else:
         x_tr, x_te = torch.randn(n_train, *shape, generator=gen), torch.randn(n_test, *shape, generator=gen)
     ds = Dataset(base, x_tr, labels(n_train), x_te, labels(n_test), spec.mean, spec.std)
-    ds.full_name = f"{base}@shape-only"  # never the real data's name: caches (herding's features) stay apart
-    ds.stands_for = name  # ... but a cache the real run would load is known (its work is not counted)
+    # on meta (nothing is stored or loaded there) the real name: an artefact's cache key is the real run's, so the
+    # planner knows what that run would load; random data elsewhere never shares a name with the real data
+    ds.full_name = name if device == "meta" else f"{base}@shape-only"
     return ds.on(device)
 
 
-# Cached artefacts (a feature network, an expert trajectory) that a run of the planned cells will have made by the
-# time a later cell needs them: work cached across cells is counted once, in the first cell that makes it.
-# path -> units planned (1 for a network, epochs for a trajectory). Reset per plan.
-_planned_caches = {}
+class CostObserver(Observer):
+    """The planner's observer (benchmark.platform.observe) while it counts on meta: a loop of n alike steps counts
+    one and scales it (nested loops scale with it); a cached artefact (a feature network, an expert trajectory) is
+    counted once, in the first cell that makes it: `planned` (path -> units planned: 1 for a network, epochs for a
+    trajectory) is shared by the cells of one plan."""
+    counting = True
 
+    def __init__(self, counter, planned):
+        self.counter, self.planned, self.scaled = counter, planned, dict.fromkeys(COMPONENTS, 0)
 
-def still_to_make(path, amount, on_disk=0):
-    """For a method's counted run: how many of the `amount` units of the cached artefact at `path` the real run
-    would still make, given `on_disk` units already stored and what earlier planned cells make; from now on later
-    cells find them made."""
-    have = max(on_disk, _planned_caches.get(path, 0))
-    if amount > have:
-        _planned_caches[path] = amount
-    return max(0, amount - have)
+    def totals(self):
+        return {k: self.counter.by_component[k] + self.scaled[k] for k in COMPONENTS}
 
-
-def will_train(path):
-    """still_to_make for an artefact made whole (a network file): whether the real run would make it."""
-    return still_to_make(path, 1, on_disk=int(os.path.exists(path))) > 0
-
-
-@contextlib.contextmanager
-def _counting():
-    """FLOPs (in all, and inside training loops) and peak memory of what runs inside (on meta)."""
-    from . import method, training
-    out = {"flops": 0, "train_flops": 0, "peak_bytes": None}
-    counter = CostCounter()
-    scaled = dict.fromkeys(COMPONENTS, 0)
-
-    def totals():
-        return {k: counter.by_component[k] + scaled[k] for k in COMPONENTS}
-
-    def one_for_all(n, run_one, component=None):  # a training loop or a distillation loop: count one step, scale it
-        before, outer = totals(), counter.component  # (nested ones scale with it)
-        counter.component = component or outer
+    def repeat(self, n, run_one, component=None):
+        before, outer = self.totals(), self.counter.component
+        self.counter.component = component or outer
         try:
             run_one()
         finally:
-            counter.component = outer
-        after = totals()
+            self.counter.component = outer
+        after = self.totals()
         for k in COMPONENTS:
-            scaled[k] += (n - 1) * (after[k] - before[k])
+            self.scaled[k] += (n - 1) * (after[k] - before[k])
+
+    def units_to_make(self, path, amount, stored, device="meta"):
+        have = max(stored, self.planned.get(path, 0))
+        if amount > have:
+            self.planned[path] = amount
+        return max(0, amount - have)
+
+
+@contextlib.contextmanager
+def _counting(planned=None):
+    """FLOPs (in all, and inside training loops) and peak memory of what runs inside (on meta); out['observer'] is
+    the observer a task must carry for its loops to be counted once and scaled."""
+    out = {"flops": 0, "train_flops": 0, "peak_bytes": None}
+    counter = CostCounter()
+    observer = out["observer"] = CostObserver(counter, {} if planned is None else planned)
     with meta_host_reads(), counter:
-        training.COUNT_HOOK = lambda n, run_one: one_for_all(n, run_one, "train")
-        method.COUNT_HOOK = one_for_all
-        try:
-            yield out
-        finally:
-            training.COUNT_HOOK = method.COUNT_HOOK = None
-    t = totals()
+        yield out
+    t = observer.totals()
     out["flops"], out["train_flops"] = sum(t.values()), t["train"]
     out["peak_bytes"] = counter.peak
 
 
-# FLOPs are counted, and time calibrated, per component: SGD training loops (benchmark.training.train_steps: many
+class TrainTimer(Observer):
+    """The planner's observer while it calibrates: the seconds spent in training loops (section 'train')."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, 0.0
+
+    @contextlib.contextmanager
+    def section(self, component):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            if component == "train":
+                self.seconds += time.perf_counter() - t0
+
+
+# FLOPs are counted, and time calibrated, per component: SGD training loops (benchmark.nn.training.train_steps: many
 # small steps, a lower FLOP rate) and everything else (matching, influence: large batched passes)
 COMPONENTS = ("train", "other")
 
@@ -176,13 +191,12 @@ class CostCounter(TorchDispatchMode):
         return out
 
 
-def _distill_cost(method, task):
+def _distill_cost(method, task, planned=None):
     """(FLOPs of the whole distillation, iterations, peak bytes, the set, FLOPs inside training loops). The method's
-    own loop counts each distinct-cost iteration once and scales it (method.COUNT_HOOK), so does a base method it
-    runs."""
-    from .method import IterativeMethod
-    with _counting() as c:
-        synset = method.distill(task)
+    own loop counts each distinct-cost iteration once and scales it (through the task's observer), so does a base
+    method it runs."""
+    with _counting(planned) as c:
+        synset = method.distill(dataclasses.replace(task, observer=c["observer"]))
     iterations = method.for_task(task).num_iterations(task) if isinstance(method, IterativeMethod) else 1
     return c["flops"], iterations, c["peak_bytes"], synset, c["train_flops"]
 
@@ -192,7 +206,6 @@ def _eval_flops_per_image(dataset_name, network, batch):
     """(forward+backward FLOPs per training image, forward FLOPs per test image) of the evaluation network."""
     import torch.nn.functional as F
 
-    from .networks import get_network
     dataset = shape_dataset(dataset_name, 1)
     net = get_network(network, dataset.channels, dataset.num_classes, dataset.image_size, seed=0).to("meta")
     x = torch.zeros(batch, dataset.channels, *dataset.image_size, device="meta")
@@ -205,20 +218,18 @@ def _eval_flops_per_image(dataset_name, network, batch):
 
 
 def _method_for(suite, cell, overrides=None):
-    from .registry import create_method
     return create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant) +
                          [f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in (overrides or {}).items()])
 
 
-def count_cell(suite, cell, cache_dir=None):
+def count_cell(suite, cell, cache_dir=None, planned=None):
     """Counted cost of one cell (no device time): distillation FLOPs, evaluation FLOPs, peak memory. `cache_dir`:
-    the run's cache of shared artefacts (MTT's expert buffers: what is stored there is not counted)."""
-    from evaluation import resolve_protocol
+    the run's artefact cache (what is stored there is not counted); `planned`: what earlier cells of the plan make
+    (CostObserver)."""
     ds = shape_dataset(cell.dataset)
     method = _method_for(suite, cell)
-    from .method import Task
     task = Task(ds, cell.ipc, cell.seed, "meta", cache_dir=cache_dir)
-    flops, iters, peak, synset, train_flops = _distill_cost(method, task)
+    flops, iters, peak, synset, train_flops = _distill_cost(method, task, planned)
     with meta_host_reads():
         stages = [len(y) for _, y in synset.stage_data(ds)]
     proto = resolve_protocol(suite.protocol, synset)
@@ -253,38 +264,25 @@ def calibrate_method(suite, cell, device, repeats):
     sizes, network and image size unchanged) timed on random data of the dataset's shape, its time inside training
     loops measured apart, and its FLOPs counted on meta the same way. Returns {'train': rate or None (no training in
     the probe), 'other': rate, 'probe_s': seconds}."""
-    from . import training
-    from .method import Task
     method = _method_for(suite, cell, shrunk(_method_for(suite, cell).config, PROBE_OVERRIDES))
     per_class = max(300, 8 * cell.ipc)
     probe = shape_dataset(cell.dataset, per_class, device, torch.Generator().manual_seed(0))
-    inside = []  # seconds spent in training loops, per timed run
-
-    @contextlib.contextmanager
-    def timer():
-        synchronize(device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(device)
-            inside[-1] += time.perf_counter() - t0
+    timers = []  # one per timed run: its seconds inside training loops
 
     def run():
-        inside.append(0.0)
-        method.distill(Task(probe, cell.ipc, cell.seed, device, cache_dir=tempfile.mkdtemp(dir=cache)))
+        timers.append(TrainTimer(device))
+        method.distill(Task(probe, cell.ipc, cell.seed, device, cache_dir=tempfile.mkdtemp(dir=cache),
+                            observer=timers[-1]))
     with tempfile.TemporaryDirectory() as cache:  # a method's reusable artefacts (MTT's experts) are timed
         # being made, as they are counted, and never land in the user's cache
         if getattr(method.config, "real_pass", "eager") == "compile":
             run()  # compiling is once per process and shape, not per iteration: not in the rate
-        training.TIMER = timer
-        try:
-            seconds, best = _time(run, device, repeats, with_index=True)
-        finally:
-            training.TIMER = None
-    train_s = inside[best]
-    flops, _, _, _, train_flops = _distill_cost(
-        method, Task(shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta"))
+            timers.clear()
+        seconds, best = _time(run, device, repeats, with_index=True)
+        train_s = timers[best].seconds
+        # counted the same way, against an empty cache (the timed run made every artefact)
+        flops, _, _, _, train_flops = _distill_cost(method, Task(
+            shape_dataset(cell.dataset, per_class), cell.ipc, cell.seed, "meta", cache_dir=tempfile.mkdtemp(dir=cache)))
     other_s = max(seconds - train_s, 1e-9)
     return {"train": train_flops / train_s if train_flops > 0 and train_s > 0 else None,
             "other": (flops - train_flops) / other_s if flops > train_flops else 0.0, "probe_s": seconds}
@@ -304,7 +302,6 @@ def calibrate_eval(dataset_name, network, batch, device, steps=5):
     """FLOP rate of evaluation training (SGD steps of the evaluation network at the protocol's batch) on device."""
     import torch.nn.functional as F
 
-    from .networks import get_network
     ds = shape_dataset(dataset_name, 1, "meta")
     net = get_network(network, ds.channels, ds.num_classes, ds.image_size, seed=0).to(device)
     x = torch.randn(batch, ds.channels, *ds.image_size, device=device)
@@ -327,16 +324,16 @@ def plan_suite(suite, cells, device="cpu", calibrate=True, repeats=None, progres
     the calibration rates."""
     say = progress or (lambda *_: None)
     repeats = repeats or (2 if str(device).startswith("cuda") else 1)
-    _planned_caches.clear()
+    planned = {}  # artefacts the cells counted so far make (CostObserver)
     rows, counted = [], {}
     for cell in cells:  # the seed changes no shape: each (method, dataset, IPC, variant) is counted once ...
         shape = (cell.method, cell.dataset, cell.ipc, cell.variant)
         row = counted.get(shape)
         if row is None:
             say(f"counting {cell.key}")
-            planned = dict(_planned_caches)
-            row = count_cell(suite, cell, cache_dir)
-            if _planned_caches == planned:  # ... unless it made a cached artefact: the next cell may load it
+            before = dict(planned)
+            row = count_cell(suite, cell, cache_dir, planned)
+            if planned == before:  # ... unless it made a cached artefact: the next cell may load it
                 counted[shape] = row
         rows.append({**row, "key": cell.key})
     rates = {"method": {}, "eval": {}}

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .errors import BenchmarkError
+from benchmark.platform.errors import BenchmarkError
 
 KINDS = ("label-noise", "duplicates", "outliers")
 SEED = 12345
@@ -51,7 +51,6 @@ def _blur(x, sigma):
 
 def corrupt(ds, kind, rate, full_name):
     """A corrupted copy of ds (training split only) with .corrupted set; ds itself is not modified."""
-    from .datasets import Dataset
     gen = torch.Generator().manual_seed(SEED)
     n = len(ds.y_train)
     chosen = torch.randperm(n, generator=gen)[:int(round(rate * n))]
@@ -77,23 +76,9 @@ def corrupt(ds, kind, rate, full_name):
             r0 = int(torch.randint(h - s + 1, (1,), generator=gen))
             c0 = int(torch.randint(w - s + 1, (1,), generator=gen))
             x[idx, :, r0:r0 + s, c0:c0 + s] = ds.x_train.min()
-    out = Dataset(ds.name, x, y, ds.x_test, ds.y_test, ds.mean, ds.std, ds.class_names)
+    out = type(ds)(ds.name, x, y, ds.x_test, ds.y_test, ds.mean, ds.std, ds.class_names)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[chosen] = True
     out.corrupted, out.full_name = mask, full_name
     out.corruption = {"kind": kind, "rate": rate, "seed": SEED, "count": int(mask.sum())}
     return out
-
-
-def roc_auc(scores, positive):
-    """ROC AUC of `scores` as a detector of `positive` (probability that a random positive scores higher than a
-    random negative, ties counting half), via ranks: no scikit-learn needed at run time."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    pos = torch.as_tensor(positive, dtype=torch.bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    # average ranks with ties sharing the mean of their positions, in one pass (no loop over distinct values)
-    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0) - (counts - 1) / 2.0).to(torch.float64)[inverse]
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -3,11 +3,11 @@ import datetime
 import json
 import os
 import time
+from .errors import BenchmarkError
 
 
 def check_writable(folder, option):
     """Create `folder` and prove a file can be written there, before hours of work depend on it."""
-    from .errors import BenchmarkError
     probe = os.path.join(folder, f".write-test-{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)

@@ -2,6 +2,7 @@
 import os
 
 import torch
+from benchmark.core.synthetic import SyntheticSet
 
 
 def _plt():
@@ -165,7 +166,6 @@ def tracked_influence_figures(records, sets_dir, dataset_of, out_dir, cls=0):
                    key=lambda r: (r["method"] != "iwd+dc", r["ipc"], r["dataset"], r["seed"], r["key"]))
     if not cells:
         return []
-    from .synthetic import SyntheticSet
     r = cells[0]
     syn = SyntheticSet.load(os.path.join(sets_dir, r["key"] + ".pt"))
     inf = syn.extras.get("influence")

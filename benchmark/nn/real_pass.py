@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .errors import BenchmarkError
+from benchmark.platform.errors import BenchmarkError
 
 REAL_PASSES = ("eager", "compile", "bf16")
 _compiled = {}      # fn -> its compiled version

@@ -18,10 +18,14 @@ from typing import Optional
 
 import torch
 
-from benchmark import seeds
-from benchmark.method import Method, apply_overrides
-from benchmark.registry import create_method, register_method
-from benchmark.synthetic import SyntheticSet
+from benchmark.core import seeds
+from benchmark.core.method import Method, apply_overrides
+from benchmark.core.registry import create_method, register_method
+from benchmark.core.synthetic import SyntheticSet
+from benchmark.platform.logging import progress_bar
+from influence.ihvp import SolverConfig
+from influence.scores import gradient_products, hessian_rows
+from influence.solvers import solve
 
 
 def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=False, solver=None):
@@ -30,13 +34,11 @@ def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=Fal
     network trains on real data (IDC, PDD), the implicit term -<(GN + damping I)^{-1} g_M, grad l_j> with g_M the
     gradient of the whole objective (every class) and the curvature on 128 evenly spaced training instances (one
     solve per network; `solver`: a SolverConfig, default CG as IWD's). Returns a float64 tensor of length N_train."""
-    from .ihvp import SolverConfig, inverse_hvp
     ds, method = task.dataset, method.for_task(task)
     implicit = method.inner_data == "real"
     solver = solver or SolverConfig(curvature="gauss-newton", hessian_batch=128)
     scores = torch.zeros(len(ds.y_train), dtype=torch.float64)
     if progress:
-        from benchmark.logging import progress_bar
         bar = progress_bar(num_nets, "influence")
     for n in range(num_nets):
         gen = seeds.scoring_generator(task.seed, n)
@@ -70,17 +72,14 @@ def score_training_set(method, task, synset, num_nets=2, chunk=512, progress=Fal
                 g_m = [sum(ts) for ts in zip(*parts)] if g_m is None else [a + sum(ts) for a, *ts in zip(g_m, *parts)]
         if implicit:  # the networks of every class are the same seeded one: solve and score with the last
             everyone = torch.cat(list(ds.class_indices))
-            hrows = everyone[torch.linspace(0, len(everyone) - 1, solver.hessian_batch).round().long()] \
-                if 0 < solver.hessian_batch < len(everyone) else everyone
+            hrows = everyone[hessian_rows(len(everyone), solver.hessian_batch)]
             xh, yh = ds.x_train[hrows.to(dev)], ds.y_train[hrows.to(dev)]
-            h, _ = inverse_hvp(lambda: step.instance_loss(xh, yh).mean(), params, g_m, solver,
-                               (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean()))
-            for r in everyone.split(chunk):
-                x, y = ds.x_train[r.to(dev)], ds.y_train[r.to(dev)]
-                w = torch.ones(len(r), dtype=x.dtype, device=dev, requires_grad=True)
-                grads = torch.autograd.grad((w * step.instance_loss(x, y)).sum(), params, create_graph=True)
-                (s,) = torch.autograd.grad(sum((g * hi).sum() for g, hi in zip(grads, h)), w)
-                scores[r] += -s.detach().cpu().double() / num_nets
+            h, _ = solve(solver, params, g_m, lambda: step.instance_loss(xh, yh).mean(),
+                         (lambda: step.instance_outputs(xh), lambda z: step.output_loss(z, yh).mean()),
+                         (step.instance_outputs, xh))
+            products = gradient_products(ds.x_train[everyone.to(dev)], ds.y_train[everyone.to(dev)], h, params,
+                                         step.instance_loss, per_instance_grads=False, chunk=chunk)
+            scores[everyone] += products.cpu().double() / num_nets
         if progress:
             bar.update(1)
     if progress:

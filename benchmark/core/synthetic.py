@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import BenchmarkError
-from .files import save_torch_atomic
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.files import save_torch_atomic
+from benchmark.platform import allocator
+from benchmark.platform.device import device_name, to_device
 
 FORMAT = "iwd-bench/synthetic-set/v1"
 
@@ -50,7 +52,6 @@ class SyntheticSet:
     @classmethod
     def from_indices(cls, dataset, idx, metadata, **extras):
         """A set made of the real training images `idx` (selection methods), recorded in extras['selected_index']."""
-        from .device import to_device
         on_dev = to_device(idx, dataset.x_train.device)
         return cls(dataset.x_train[on_dev].clone(), dataset.host.y_train[idx].clone(), "normalized",
                    {"selected_index": idx, **extras}, metadata)
@@ -225,9 +226,7 @@ def provenance(device="cpu"):
     """Commit, library versions and hardware (the GPU that ran it for cuda[:N]), recorded with every result."""
     import kornia
 
-    from . import allocator
     commit = code_commit()
-    from .device import device_name
     dev = device_name(device)
     return {"commit": commit, "torch": str(torch.__version__), "kornia": str(kornia.__version__),
             "python": platform.python_version(), "hardware": f"{platform.machine()} {dev}",

@@ -18,9 +18,11 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import BenchmarkError
-from .files import save_torch_atomic
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.files import save_torch_atomic
+from benchmark.platform.observe import PLAIN, Observer
 from .synthetic import SyntheticSet, code_commit, provenance, safe_load
+from benchmark.platform.logging import image_grid, progress_bar
 
 
 @dataclass
@@ -36,7 +38,8 @@ class Task:
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed since the last one (0: off)
     progress: bool = False
     log_images_every: int = 0
-    cache_dir: Optional[str] = None  # reusable artefacts shared by runs (MTT's expert buffers); None: ~/.cache
+    cache_dir: Optional[str] = None  # reusable artefacts shared by runs (benchmark.core.artefacts); None: $IWD_CACHE
+    observer: Observer = PLAIN       # who watches the run: a planner counting, a timer (benchmark.platform.observe)
 
     def __post_init__(self):
         # the rule: a task's data lives on its device once (cached per device); indices stay CPU-drawn
@@ -80,9 +83,9 @@ def _coerce(name, typ, value):
 
 
 def apply_overrides(config, overrides):
-    """overrides: dict or list of 'key=value' strings. Unknown keys and wrong types raise BenchmarkError."""
-    if not overrides:
-        return config
+    """overrides: dict or list of 'key=value' strings. Unknown keys and wrong types raise BenchmarkError. The config
+    is validated every time, overrides or not (a preset or a subclass default is checked like a --set value)."""
+    overrides = overrides or {}
     if not isinstance(overrides, dict):
         pairs = {}
         for item in overrides:
@@ -208,16 +211,10 @@ class Checkpoint:
             os.remove(self.path)
 
 
-# Set by `run.py plan` while it counts FLOPs on the meta device: called as hook(n, run_one) for each of
-# cost_iterations' (iteration, n) instead of the loop (one iteration counted and scaled; also inside a method that
-# runs another, e.g. prune-then-distill's base).
-COUNT_HOOK = None
-
-
 class IterativeMethod(Method):
     """Checkpointed iteration. State is a dict of tensors / plain values (saved with torch.save, loaded with
     weights_only=True). All randomness must come from `state['rng']` (a torch.Generator state) or from seeds derived
-    from (task.seed, iteration) (benchmark.seeds), so a resumed run ends with exactly the set an uninterrupted run
+    from (task.seed, iteration) (benchmark.core.seeds), so a resumed run ends with exactly the set an uninterrupted run
     gives."""
 
     def num_iterations(self, task):
@@ -270,10 +267,10 @@ class IterativeMethod(Method):
                 saved.get("segments", [{"commit": "unknown", "from_iteration": 0}]))
             before = float(saved.get("elapsed_s", 0.0))
         segments.append({"commit": code_commit(), "from_iteration": start})
-        if COUNT_HOOK is not None:
+        if task.observer.counting:  # `run.py plan`: each distinct-cost iteration counted once and scaled
             gen = torch.Generator().set_state(state["rng"])
             for it, weight in self.cost_iterations(task):
-                COUNT_HOOK(weight, lambda: self.iteration(task, state, it, gen))
+                task.observer.repeat(weight, lambda: self.iteration(task, state, it, gen))
             return self.result(task, state)
         n = self.num_iterations(task)
         callbacks = [cb for cb in (_tensorboard(self, task, n), _progress(self, task, n, start),
@@ -303,7 +300,6 @@ class IterativeMethod(Method):
     def log_images(self, task, state, it):
         syn = self.result(task, state)
         x, _ = syn.training_data(task.dataset)
-        from .logging import image_grid
         task.writer.add_image("distill/synthetic", image_grid(task.dataset.denormalize(x), nrow=syn.ipc or 10), it)
 
 
@@ -322,7 +318,6 @@ def _tensorboard(method, task, n):
 def _progress(method, task, n, start):
     if not task.progress:
         return None
-    from .logging import progress_bar
     bar = progress_bar(n, f"{method.name} {task.dataset.name} ipc{task.ipc}", initial=start)
 
     def update(it, state, scalars):

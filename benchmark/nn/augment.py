@@ -13,7 +13,7 @@ import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
-from .device import to_device
+from benchmark.platform.device import to_device
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 NO_FLIP_STRATEGY = "color_crop_cutout_scale_rotate"  # digit datasets: a flipped digit is another digit

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import unknown_name
+from benchmark.platform.errors import unknown_name
 
 _NETWORKS = {}
 

@@ -13,10 +13,19 @@ import resource
 import time
 import traceback
 
-from .errors import BenchmarkError
-from .files import check_writable, read_json, utc_now, write_json_atomic
-from .locks import file_lock, holder_alive
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.files import check_writable, read_json, utc_now, write_json_atomic
+from benchmark.platform.locks import file_lock, holder_alive
 from .suites import Cell, Suite
+from benchmark.core.method import Task
+from benchmark.core.registry import LOADED_PLUGINS, create_method, load_plugin
+from benchmark.core.synthetic import SyntheticSet, provenance, safe_load
+from benchmark.data.datasets import get_dataset
+from benchmark.platform import allocator, device as devices
+from benchmark.platform.device import device_record
+from benchmark.platform.logging import image_grid, make_writer, progress_bar
+from evaluation import evaluate
+from evaluation.stats import roc_auc
 
 CHECKPOINT_MINUTES = 10  # a cell also checkpoints every 10 minutes of wall time: an abrupt stop loses at most that
 
@@ -87,9 +96,6 @@ def _run_cell(suite, cell, run_root, options=None, **option_fields):
     """(ran, record): ran is False when another run of the suite finished the cell since this one listed it."""
     import torch
 
-    from . import allocator
-    from . import device as devices
-    from .registry import load_plugin
 
     opts = dataclasses.replace(options or RunOptions(), **option_fields)
     allocator.tune()  # workers (Ray, spawned processes) do not go through run.py
@@ -127,10 +133,6 @@ def _run_cell_locked(suite, cell, paths, opts):
 
 def _setup_cell(suite, cell, paths, opts):
     """The cell's dataset, method (config resolved for the task: what runs and what the record holds) and task."""
-    from .datasets import get_dataset
-    from .logging import make_writer
-    from .method import Task
-    from .registry import create_method
     ds = get_dataset(cell.dataset, opts.data_root or suite.data_root or None, opts.download)
     method = create_method(cell.method, suite.preset, suite.method_overrides(cell.method, cell.variant))
     writer = make_writer(paths.tensorboard if opts.log else None, cell.key)
@@ -162,7 +164,6 @@ def distill_cell(method, task, paths, cell):
 def evaluate_cell(suite, cell, synset, ds, paths, device):
     """{network: evaluation} under the suite's protocol, each network resuming from the models already trained
     (saved after every model; networks trained under another protocol are not reused)."""
-    from evaluation import evaluate
     progress_path = paths.eval_progress(cell)
     progress = read_json(progress_path) or {}
     evals = {}
@@ -179,8 +180,6 @@ def evaluate_cell(suite, cell, synset, ds, paths, device):
 
 def make_record(suite, cell, synset, ds, evals, started, device):
     """The cell's JSON record: what ran (the resolved config), the accuracies, times and provenance."""
-    from .device import device_record
-    from .synthetic import provenance
     main = evals[suite.eval_networks[0]]
     record = {
         "key": cell.key, "suite": suite.name, "method": cell.method, "dataset": cell.dataset, "ipc": cell.ipc,
@@ -204,7 +203,6 @@ def log_cell(writer, suite, cell, synset, ds, record):
     """The cell's TensorBoard summary: accuracy, time, the final images, and its hyperparameters."""
     from torch.utils.tensorboard.summary import hparams
 
-    from .logging import image_grid
     main = record["accuracy"]
     writer.add_scalar("eval/accuracy_mean", main["mean"], 0)
     writer.add_scalar("eval/accuracy_std", main["std"], 0)
@@ -227,7 +225,7 @@ class CellBusy(BenchmarkError):
 def cell_lock(paths, cell):
     """One process per cell: two runs of a suite (started twice, or from two machines on a shared disk) must never
     write the same checkpoint. A cell held by a live process raises CellBusy naming the holder: the runner skips
-    it (not a failure: the holder finishes it) and the other cells go on (benchmark.locks)."""
+    it (not a failure: the holder finishes it) and the other cells go on (benchmark.platform.locks)."""
     return file_lock(paths.lock(cell), f"cell {cell.key}", "let that run finish it", busy_error=CellBusy)
 
 
@@ -236,8 +234,6 @@ def suite_status(suite, run_root):
     iteration), interrupted (resumes from its checkpoint or evaluations on the next run), failed, or pending."""
     import types
 
-    from .registry import create_method
-    from .synthetic import safe_load
     paths = RunPaths(run_root, suite.name)
     rows = []
     for cell in suite.cells():
@@ -289,7 +285,6 @@ def suite_status(suite, run_root):
 
 def _distilled_before(path, method):
     """The set saved at `path` if it was made with exactly `method.config` (resolved); None if absent or damaged."""
-    from .synthetic import SyntheticSet
     if not os.path.exists(path):
         return None
     try:
@@ -308,7 +303,6 @@ def corruption_stats(ds, synset):
     upweights them); < 0.5: in the low tail (IWD downweights them, the paper's claim)."""
     import torch
 
-    from .corruptions import roc_auc
     out = {"corruption": ds.corruption}
     inf = synset.extras.get("influence")
     if inf is not None:
@@ -367,9 +361,6 @@ def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, exec
     download, torchvision may fetch missing datasets (once, here in the driver, before any cell starts).
     gpus_per_cell: the Ray executor's GPU request per cell (default 1 on CUDA, 0 otherwise; a test sets it to
     exercise GPU scheduling on a CPU machine with fake GPU resources)."""
-    from . import device as devices
-    from .logging import progress_bar
-    from .registry import LOADED_PLUGINS
     opts = dataclasses.replace(options or RunOptions(), **option_fields)
     if executor not in ("inline", "process", "ray"):
         raise BenchmarkError(f"unknown executor {executor!r} (inline, process, ray)")
@@ -380,7 +371,6 @@ def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, exec
     paths.ensure()
     cells = pending_cells(suite, run_root)
     if opts.download and cells:  # fetch once, not once per worker at the same time
-        from .datasets import get_dataset
         for name in dict.fromkeys(c.dataset for c in cells):
             get_dataset(name, opts.data_root or suite.data_root or None, download=True)
     total = len(suite.cells())
@@ -427,7 +417,6 @@ def gpu_slots(device, workers=None, visible=None, count=None):
     """The process executor's worker slots on CUDA: one per GPU, each an environment pinning it
     ({'CUDA_VISIBLE_DEVICES': physical id}). 'cuda' uses every visible GPU, 'cuda:N' only GPU N; ids are
     translated through the parent's own CUDA_VISIBLE_DEVICES. [] for the CPU."""
-    from . import device as devices
     if not devices.is_cuda(device):
         return []
     import torch
@@ -507,7 +496,6 @@ def _run_ray(suite, cells, run_root, opts, address, workers, report, gpus_per_ce
         import ray
     except ImportError:
         raise BenchmarkError("the Ray executor needs ray: pip install -e '.[ray]'") from None
-    from . import device as devices
     started = False
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": workers or os.cpu_count(), "include_dashboard": False}

@@ -70,4 +70,4 @@ def tune():
 
 
 def mode():
-    return _mode or "untuned (benchmark.allocator.tune() not called)"
+    return _mode or "untuned (benchmark.platform.allocator.tune() not called)"

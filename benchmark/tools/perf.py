@@ -24,10 +24,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import allocator
-from .device import synchronize as _sync
-from .errors import BenchmarkError
-from .files import utc_now
+from benchmark.platform import allocator
+from benchmark.platform.device import synchronize as _sync
+from benchmark.platform.errors import BenchmarkError
+from benchmark.platform.files import utc_now
+from benchmark.core.method import Task
+from benchmark.core.protocol import uniform_weights
+from benchmark.core.registry import create_method
+from benchmark.core.synthetic import SyntheticSet, provenance
+from benchmark.data.datasets import Dataset, get_dataset
+from benchmark.nn.networks import get_network
+from benchmark.nn.real_pass import REAL_PASSES
+from benchmark.nn.training import accuracy
+from evaluation.harness import resolve_protocol, train_and_test
+from influence import SolverConfig, implicit_scores, influence_weights
+from influence.ihvp import inverse_hvp
+from influence.kfac import woodbury_inverse
+from methods.matching import match_distance
+from influence.scores import explicit_scores, implicit_products, objective_gradient, weigh_by_explicit_scores
 
 
 @dataclass
@@ -76,7 +90,6 @@ def peak_rss_mb():
 
 def load_data(settings):
     """The named dataset; for fashion-mnist without its files, random data of its shape (stated in the report)."""
-    from .datasets import Dataset, get_dataset
     try:
         return get_dataset(settings.dataset, settings.data_root)
     except BenchmarkError:
@@ -104,7 +117,6 @@ def convnet_step_flops(ds, device, batch=256, width=128):
     """FLOPs (counted by torch's FlopCounterMode) and median seconds of one forward+backward+SGD step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .networks import get_network
     net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0, width=width).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     x, y = ds.x_train[:batch].to(device), ds.y_train[:batch].to(device)
@@ -131,7 +143,7 @@ def section_peak(s, ds):
 
 BASES = ("dc", "dsa", "dm", "idc", "pdd")
 IMPLICIT_BASES = ("idc", "pdd")
-GRADIENT_MATCHING = ("dc", "dsa", "idc", "pdd")  # IWD's scores come from per-instance gradients (benchmark.per_instance)  # inner training on real data: IWD adds the implicit term
+GRADIENT_MATCHING = ("dc", "dsa", "idc", "pdd")  # IWD's scores come from per-instance gradients (influence.per_instance)  # inner training on real data: IWD adds the implicit term
 # IDC/PDD iterations at the reference are 100 matching steps with network training between (minutes on a CPU);
 # the bench caps the steps per iteration and reports seconds per matching step for them.
 STEP_CAP = {"idc": 4, "pdd": 4}
@@ -139,8 +151,6 @@ STEP_CAP = {"idc": 4, "pdd": 4}
 
 def iteration_times(name, preset, ds, ipc, device, repeats, overrides=None):
     """Median seconds per iteration of a method, its influence share (IWD), and matching steps per iteration."""
-    from .method import Task
-    from .registry import create_method
     task = Task(ds, ipc, 0, device)
     method = create_method(name, preset, dict(overrides or {})).for_task(task)
     gen = torch.Generator().manual_seed(0)
@@ -207,9 +217,6 @@ def per_sample_loop_scores(step, g, weights):
 
 def explicit_workload(ds, device, width, batch=256):
     """One DC step of one class (`batch` real images, one synthetic image): the step and its uniform weights."""
-    from .method import Task
-    from .registry import create_method
-    from .synthetic import SyntheticSet
     task = Task(ds, 1, 0, device)
     method = create_method("dc", None, {"net_width": width}).for_task(task)
     gen = torch.Generator().manual_seed(0)
@@ -224,8 +231,6 @@ def section_explicit(s, ds):
     before #18 (double-backward scores + the matching step's own statistic) and now (per-instance gradients:
     scores AND the statistic at the new weights), and a per-sample loop; ratios to the base's pass. Repeats of the
     three IWD/base workloads are interleaved, so a busy machine slows them alike."""
-    from influence import influence_weights
-    from influence.scores import explicit_scores, weigh_by_explicit_scores
     rows = []
     for width in ((32,) if s.quick else (32, 128)):
         step, w = explicit_workload(ds, s.device, width)
@@ -253,9 +258,7 @@ def section_explicit(s, ds):
 # inverse-HVPs on the IDC inner-training loss
 
 def section_ihvp(s, ds):
-    from influence.ihvp import SolverConfig, inverse_hvp
 
-    from .networks import get_network
     width = 32 if s.quick else 128
     net = get_network("ConvNet", ds.channels, ds.num_classes, ds.image_size, seed=0, width=width).to(s.device)
     params = [p for p in net.parameters()]
@@ -284,7 +287,6 @@ def section_curvature(s, ds):
     the identity row is everything but the solve)."""
     from scipy.stats import spearmanr
 
-    from influence import SolverConfig, implicit_scores
     hb = 128  # IWD's default hessian_batch
     solvers = {"gauss-newton, CG to 1e-6": SolverConfig("cg", 0.01, 500, 1e-6, hessian_batch=hb,
                                                         curvature="gauss-newton"),
@@ -293,9 +295,9 @@ def section_curvature(s, ds):
                "hessian, CG 20, adaptive damping": SolverConfig("cg", 0.01, 20, 1e-4, hessian_batch=hb),
                "gauss-newton, Woodbury (exact, direct)": SolverConfig("woodbury", 0.01, hessian_batch=hb,
                                                                      curvature="gauss-newton"),
-               "K-FAC (direct)": SolverConfig("cg", 0.01, hessian_batch=hb, curvature="kfac"),
-               "EK-FAC (direct)": SolverConfig("cg", 0.01, hessian_batch=hb, curvature="ekfac"),
-               "identity (TracIn-like)": SolverConfig("identity", 0.0)}
+               "K-FAC (direct)": SolverConfig("kfac", 0.01, hessian_batch=hb, curvature="gauss-newton"),
+               "EK-FAC (direct)": SolverConfig("ekfac", 0.01, hessian_batch=hb, curvature="gauss-newton"),
+               "identity (TracIn-like)": SolverConfig("identity", 0.01)}
     rows = []
     for phase, step, w0 in _idc_steps(s, ds):
         scores = {}
@@ -319,9 +321,6 @@ WHOLE_BATCH = "gauss-newton on the whole real batch (Woodbury, exact)"
 def _idc_steps(s, ds):
     """One IDC matching step (IPC 10, synthetic images = real ones + 0.1) on a fresh network and again after 200 SGD
     steps on real data: yields (phase, step, uniform weights)."""
-    from .method import Task
-    from .protocol import uniform_weights
-    from .registry import create_method
     task = Task(ds, 10, 0, s.device)
     m = create_method("idc", "quick" if ds.image_size[0] < 16 else "cpu").for_task(task)
     gen = torch.Generator().manual_seed(0)
@@ -351,8 +350,6 @@ def _hessian_batches(step, hb):
 
 def _exact_gn_scores(step, g_m, rows, damping):
     """Implicit scores of every instance of the step from the exact damped GN solve (Woodbury) on `rows`."""
-    from influence.kfac import woodbury_inverse
-    from influence.scores import implicit_products
     x = torch.cat([b.x for b in step.batches])
     h, info = woodbury_inverse(step.instance_outputs, x[rows.to(x.device)], step.train_params, g_m, damping)
     return torch.cat(implicit_products(step, h)).cpu(), info
@@ -362,7 +359,6 @@ def _hessian_batch_scores(step, w0, hb):
     """How much the implicit scores depend on WHICH instances estimate H: the exact GN solve (Woodbury) on two other
     Hessian batches of hb instances, disjoint from the default one, and on the step's whole real batch.
     Returns {name: (scores, SolveInfo, seconds)}."""
-    from influence.scores import objective_gradient
     g_m = objective_gradient(step, w0)
     batches = _hessian_batches(step, hb)
     out = {}
@@ -384,7 +380,6 @@ def section_damping(s, ds):
     identity (TracIn-like: infinite damping). Spearman of the 640 per-instance scores."""
     from scipy.stats import spearmanr
 
-    from influence.scores import implicit_products, objective_gradient
     rows = []
     for phase, step, w0 in _idc_steps(s, ds):
         g_m = objective_gradient(step, w0)
@@ -413,11 +408,7 @@ def section_warm_start(s, ds):
     iwd+idc at (cold, 20), (warm, 10) and (warm, 5)."""
     from scipy.stats import spearmanr
 
-    from influence import SolverConfig, implicit_scores
-    from influence.scores import implicit_products
 
-    from .method import Task
-    from .registry import create_method
     preset = "quick" if ds.image_size[0] < 16 else "cpu"
     task = Task(ds, 10, 0, s.device)
     m = create_method("iwd+idc", preset, {"iterations": 2}).for_task(task)
@@ -429,7 +420,6 @@ def section_warm_start(s, ds):
     base_weights = m.instance_weights
 
     def measure(step):
-        from .protocol import uniform_weights
         w0 = uniform_weights(step)
         ref = last["ref"] = torch.cat(implicit_scores(step, w0, cfg(500, 1e-6))[0]).cpu()
         for k in ks:
@@ -481,10 +471,7 @@ def section_warm_start(s, ds):
 # evaluation training and test throughput
 
 def section_evaluation(s, ds):
-    from evaluation.harness import resolve_protocol, train_and_test
 
-    from .networks import get_network
-    from .training import accuracy
     proto = resolve_protocol("dc-quick" if s.quick else "dc")
     gen = torch.Generator().manual_seed(0)
     idx = torch.cat([ds.sample_class(c, 10, gen) for c in range(ds.num_classes)])
@@ -507,13 +494,6 @@ def plain_dc_iteration(net, ds, syn_x, syn_y, opt_img, batch_real=256, gen=None)
     gradient of 256 real images and the synthetic gradient with graph, the layer-wise distance; one image step."""
     params = list(net.parameters())
 
-    def layer_cosines(g_syn, g_real):  # DC's 'ours' distance, written out layer by layer (biases skipped)
-        out = 0.0
-        for s, r in zip(g_syn, g_real):
-            if r.dim() > 1:
-                s, r = s.reshape(s.shape[0], -1), r.reshape(r.shape[0], -1)
-                out = out + (1 - (s * r).sum(-1) / (s.norm(dim=-1) * r.norm(dim=-1) + 1e-6)).sum()
-        return out
     loss = 0.0
     for c in range(ds.num_classes):
         idx = ds.sample_class(c, batch_real, gen)
@@ -521,7 +501,7 @@ def plain_dc_iteration(net, ds, syn_x, syn_y, opt_img, batch_real=256, gen=None)
         g_real = [t.detach() for t in g_real]
         xs = syn_x[syn_y == c]
         g_syn = torch.autograd.grad(F.cross_entropy(net(xs), syn_y[syn_y == c]), params, create_graph=True)
-        loss = loss + layer_cosines(g_syn, g_real)
+        loss = loss + match_distance(g_syn, g_real)  # DC's layer-wise 'ours' distance
     opt_img.zero_grad()
     loss.backward()
     opt_img.step()
@@ -537,7 +517,6 @@ def probe(kind, dataset, repeats):
     elif kind.startswith("ours_dc:"):  # ours at the reference settings, IPC 1, with real_pass after the colon
         t = iteration_times("dc", None, ds, 1, "cpu", repeats, {"real_pass": kind.split(":", 1)[1]})["s_per_iteration"]
     elif kind == "plain_dc":
-        from .networks import get_network
         gen = torch.Generator().manual_seed(0)
         syn_y = torch.arange(ds.num_classes)
         syn_x = torch.randn(ds.num_classes, ds.channels, *ds.image_size, generator=gen).requires_grad_(True)
@@ -561,7 +540,7 @@ def run_probe(kind, env_extra, s):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IWD_NO_MALLOC_TUNING")}
     env.update(env_extra)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    code = (f"from benchmark import allocator; allocator.tune(); from benchmark.perf import probe; "
+    code = (f"from benchmark import allocator; allocator.tune(); from benchmark.tools.perf import probe; "
             f"probe({kind!r}, {s.dataset!r}, {s.n})")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
@@ -593,7 +572,6 @@ def section_dc_vs_plain(s, ds):
     and tuned settings; and ours eager and compiled in a fresh process with the other allocator (tuned glibc when
     this process has tcmalloc; tcmalloc, where installed, when it has glibc). The compile rows' warm-up iteration
     compiles."""
-    from .real_pass import REAL_PASSES
     rows = []
     for mode in REAL_PASSES:
         ours = iteration_times("dc", None, ds, 1, s.device, s.n, {"real_pass": mode})
@@ -622,8 +600,6 @@ def section_dc_vs_plain(s, ds):
 def section_memory(s, ds):
     """RSS after each iteration of DC at IPC 10 (cpu preset; a reference-preset iteration at IPC 10 takes ~90 s
     here): a run that keeps graphs alive grows; ours must stay flat after the first iterations."""
-    from .method import Task
-    from .registry import create_method
     out = []
     for preset in ("cpu",):
         task = Task(ds, 10, 0, s.device)
@@ -653,7 +629,6 @@ OPT_IN_SECTIONS = ("warm_start", "damping")
 
 
 def run_bench(s: BenchSettings, progress=print):
-    from .synthetic import provenance
     unknown = [k for k in s.sections if k not in SECTIONS]
     if unknown:
         raise BenchmarkError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")

@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .errors import BenchmarkError, unknown_name
+from benchmark.platform.errors import BenchmarkError, unknown_name
+from benchmark.data import corruptions
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_DATA_ROOT = os.environ.get("IWD_DATA_ROOT", "data")
@@ -35,7 +36,7 @@ class Dataset:
 
     def __post_init__(self):
         self.full_name = self.name                                      # name@corruption for corrupted copies
-        self.corrupted = torch.zeros(len(self.y_train), dtype=torch.bool)  # benchmark.corruptions
+        self.corrupted = torch.zeros(len(self.y_train), dtype=torch.bool)  # benchmark.data.corruptions
         self.corruption = None
         self.num_classes = int(self.y_train.max().item()) + 1
         self.class_indices = [torch.nonzero(self.y_train == c).flatten() for c in range(self.num_classes)]
@@ -159,8 +160,7 @@ def dataset_spec(name) -> DatasetSpec:
 
 def get_dataset(name, data_root: Optional[str] = None, download: bool = False) -> Dataset:
     """Load a registered dataset (cached in-process). Raises BenchmarkError naming the fix if files are missing.
-    `name@kind=rate` gives a corrupted copy (benchmark.corruptions)."""
-    from . import corruptions
+    `name@kind=rate` gives a corrupted copy (benchmark.data.corruptions)."""
     base, kind, rate = corruptions.parse(name)
     if kind is not None:
         key = (name, os.path.abspath(data_root or DEFAULT_DATA_ROOT))

@@ -52,7 +52,10 @@ def layer_blocks(net, params):
 
 
 def supports(net, params):
-    """Whether layer_blocks covers every parameter (and no BatchNorm mixes instances)."""
+    """Whether layer_blocks covers every parameter and no BatchNorm in training mode mixes instances (its batch
+    statistics make each output depend on the whole batch, so a per-instance gradient is not the instance's own)."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules()):
+        return False
     try:
         layer_blocks(net, params)
     except UnsupportedLayers:

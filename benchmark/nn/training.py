@@ -5,40 +5,34 @@ import torch
 import torch.nn.functional as F
 
 from .augment import cutmix, cutmix_loss
-from .device import to_device
-
-
-# Set by `run.py plan` while it counts FLOPs on the meta device: called as hook(n_steps, run_one_step) instead of
-# the loop (one step is counted and scaled to n_steps: thousands of shape-only steps would take minutes).
-COUNT_HOOK = None
-# Set by `run.py plan` while it calibrates: a context manager every train_steps call runs inside (it times the
-# training loops apart from the rest of a method)
-TIMER = None
+from benchmark.platform.device import to_device
+from benchmark.platform.observe import PLAIN
 
 
 def train_steps(net, x, y, opt, steps=None, epochs=None, batch=256, aug=None, gen=None, cutmix_p=0.0,
-                lr_schedule=None, temperature=1.0):
+                lr_schedule=None, temperature=1.0, observer=PLAIN):
     """SGD on (x, y). Either `epochs` (shuffled passes, the last batch may be short) or `steps` (batches drawn from
     a shuffled stream). `aug`: a DSA (independent per-image draws). `cutmix_p`: probability of CutMix per batch.
     y: class indices, or soft labels (N, C) probabilities, trained with the soft cross-entropy of logits / T,
     times T^2 (the gradient of T^2 KL(q || softmax(z / T)), as knowledge distillation scales it).
     `lr_schedule(epoch) -> lr` is applied at the start of each epoch. Returns the mean loss of the last epoch (with
-    `epochs`) or over the steps, as a 0-d tensor on the data's device (float() it where the value is needed)."""
-    if TIMER is not None:
-        with TIMER():
-            return _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature)
-    return _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature)
+    `epochs`) or over the steps, as a 0-d tensor on the data's device (float() it where the value is needed).
+    `observer` (benchmark.platform.observe): the loop runs in its 'train' section; a counting observer counts one
+    step and scales it to the loop's length (thousands of shape-only steps would take minutes)."""
+    with observer.section("train"):
+        if observer.counting:
+            total = steps if epochs is None else epochs * -(-len(y) // batch)
+            idx = torch.randperm(len(y), generator=gen)[:batch]
+            net.train()
+            observer.repeat(total, lambda: _step(net, x, y, idx, opt, aug, gen, cutmix_p, temperature), "train")
+            return torch.zeros((), device=x.device)
+        return _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature)
 
 
 def _train_steps(net, x, y, opt, steps, epochs, batch, aug, gen, cutmix_p, lr_schedule, temperature):
     net.train()
     n = len(y)
     last = torch.zeros((), device=x.device)
-    if COUNT_HOOK is not None:
-        total = steps if epochs is None else epochs * -(-n // batch)
-        idx = torch.randperm(n, generator=gen)[:batch]
-        COUNT_HOOK(total, lambda: _step(net, x, y, idx, opt, aug, gen, cutmix_p, temperature))
-        return last
     if epochs is not None:
         for ep in range(epochs):
             if lr_schedule is not None:
