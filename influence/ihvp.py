@@ -184,6 +184,7 @@ class SolverConfig:
     max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
     hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
     curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs)
+    woodbury_max_mb: float = 1024.0  # solver auto: Woodbury where its n*C pseudo-gradient rows fit this, else CG
     notes: list = field(default_factory=list)
 
     def __post_init__(self):

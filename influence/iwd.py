@@ -24,7 +24,7 @@ from benchmark.platform.device import to_device
 from benchmark.platform.errors import BenchmarkError
 from benchmark.platform.logging import log_histogram
 from benchmark.core.method import NonFiniteError
-from benchmark.core.protocol import IterationContext, WeightedMatching, uniform_weights
+from benchmark.core.protocol import InstanceWeights, IterationContext, WeightedMatching, uniform_weights
 from benchmark.core.registry import register_method
 
 from .ihvp import SolverConfig
@@ -41,9 +41,10 @@ class IWDOptions:
     trim_top: float = 0.1         # weighting=trim: the fraction of each group's highest-scored instances dropped
     trim_bottom: float = 0.0      # ... and of its lowest-scored ones; uniform weights on the rest
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
-    solver: str = "cg"            # inverse-HVP solver (influence.solvers.SOLVERS): cg | lissa | exact | identity |
-                                  # woodbury (the exact GN, directly) | kfac | ekfac (approximate GN inverses,
-                                  # measured far less faithful)
+    solver: str = "auto"          # inverse-HVP solver (influence.solvers.SOLVERS): auto (woodbury where it fits
+                                  # woodbury_max_mb, else cg) | cg | lissa | exact | identity | woodbury (the exact
+                                  # GN, directly) | kfac | ekfac (approximate GN inverses, measured far less faithful)
+    woodbury_max_mb: float = 1024.0  # solver auto: Woodbury's memory budget (n*C rows of P parameters + Gram matrix)
     curvature: str = "gauss-newton"  # implicit term's curvature: gauss-newton (PSD; default) | hessian (the exact H:
                                      # indefinite mid-training, CG then raises damping until it is nearly identity)
     damping: float = 0.01
@@ -115,6 +116,7 @@ def check_iwd_options(cfg):
         (cfg.solver_max_iter >= 1, f"solver_max_iter must be >= 1 (got {cfg.solver_max_iter})"),
         (cfg.solver_tol > 0, f"solver_tol must be > 0 (got {cfg.solver_tol})"),
         (cfg.lissa_scale > 0, f"lissa_scale must be > 0 (got {cfg.lissa_scale})"),
+        (cfg.woodbury_max_mb > 0, f"woodbury_max_mb must be > 0 (got {cfg.woodbury_max_mb})"),
         (cfg.solve_every >= 1, f"solve_every must be >= 1 (got {cfg.solve_every}; 1: solve at every step)"),
         (cfg.hessian_batch >= 0, f"hessian_batch must be >= 0 (got {cfg.hessian_batch}; 0: the whole batch)"),
         (0 <= cfg.track_beta < 1, f"track_beta must be in [0, 1) (got {cfg.track_beta})"),
@@ -192,11 +194,12 @@ def influence_weighted(cls=None, *, name=None):
             ctx = step.context if step.context is not None else IterationContext()
             # within an iteration, CG starts from the damping the previous step needed (divided by the growth, so it
             # can fall again); each iteration (a fresh network, a fresh context) starts from c.damping
-            cfg = SolverConfig(solver=c.solver, damping=max(c.damping, ctx.memory.get("damping", 0.0)),
+            cfg = SolverConfig(solver=c.solver, damping=max(c.damping, ctx.damping),
                                max_iter=c.solver_max_iter, tol=c.solver_tol, lissa_scale=c.lissa_scale,
-                               hessian_batch=c.hessian_batch, curvature=c.curvature)
+                               hessian_batch=c.hessian_batch, curvature=c.curvature,
+                               woodbury_max_mb=c.woodbury_max_mb)
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
-            x0 = ctx.memory.get("solution") if c.warm_start else None
+            x0 = ctx.solution if c.warm_start else None
             weigh = lambda s: influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top,  # noqa: E731
                                                 c.trim_bottom)
             explicit_only = implicit is False or (implicit is None and step.inner_data != "real")
@@ -205,16 +208,15 @@ def influence_weighted(cls=None, *, name=None):
                 # group. At the weighting's limit the base's own statistic is used, so the set is the base's bit for bit
                 scores, weights, stats = weigh_by_explicit_scores(step, weigh, statistics=not self._at_limit())
                 info = {"implicit": False}
-                if stats is not None:
-                    step.real_stats = (weights, stats)
+                weights = InstanceWeights(weights, stats)
             else:
-                held = ctx.memory.get("solution") if step.local_step % c.solve_every else None
+                held = ctx.solution if step.local_step % c.solve_every else None
                 scores, info = step_scores(step, uniform_weights(step), cfg, implicit, x0, c.per_instance, held)
                 weights = None
-            ctx.memory["solution"] = info.get("solution")
+            ctx.solution = info.get("solution")
             solved = info.get("implicit") and not info.get("held")
             if solved:
-                ctx.memory["damping"] = info["solver_damping"] / cfg.damping_growth
+                ctx.damping = info["solver_damping"] / cfg.damping_growth
             finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
             ctx.checks.append((finite, (step.iteration, step.local_step, info.get("solver_note") or "")))
             if step.context is None:
@@ -237,6 +239,7 @@ def influence_weighted(cls=None, *, name=None):
                     s["steps"] += 1
                     s["unconverged"] += 0 if info["solver_converged"] else 1
                     s["max_residual"] = max(s["max_residual"], float(info["solver_residual"]))
+                    s["solver"], s["why"] = info["solver"], info["solver_note"]  # which ran (solver auto: and why)
             if step.writer is not None and step.local_step == 0:
                 log_histogram(step.writer, "iwd/scores", torch.cat(scores), step.iteration)
                 log_histogram(step.writer, "iwd/weights", torch.cat(weights), step.iteration)

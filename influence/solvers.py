@@ -7,10 +7,12 @@ direct solvers of influence.kfac invert GN only: woodbury exactly, kfac / ekfac 
 residual against the true GN is measured and recorded, so an approximate solve never looks converged by fiat).
 IWD's options, `run.py influence` and the docs all read SOLVERS.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from . import per_instance
 from .ihvp import CURVATURES, GaussNewtonVP, InfluenceError, inverse_hvp
 from .kfac import kfac_inverse, woodbury_inverse
 
@@ -25,6 +27,8 @@ class Solver:
 
 _ANY = ("hessian", "gauss-newton")
 SOLVERS = {
+    "auto": Solver(_ANY, False, "nothing more than cg", "woodbury where the network allows it and its n*C rows fit "
+                   "woodbury_max_mb (curvature gauss-newton), else cg; the record says which ran and why"),
     "cg": Solver(_ANY, False, "curvature-vector products", "up to solver_max_iter products; stops at solver_tol"),
     "lissa": Solver(_ANY, False, "curvature-vector products", "up to lissa_depth products; falls back to CG"),
     "exact": Solver(_ANY, True, "curvature-vector products", "one product per parameter: tiny models only"),
@@ -59,6 +63,11 @@ def solve(cfg, params, v, loss_fn=None, outputs=None, network=None, x0=None):
     loss_of_outputs) (gauss-newton); network = (net, x) (direct solvers); x0: a CG warm start. Returns (h,
     SolveInfo with .solution = h)."""
     check_solver(cfg.solver, cfg.curvature, cfg.damping)
+    if cfg.solver == "auto":
+        name, why = choose(cfg, params, network)
+        h, info = solve(dataclasses.replace(cfg, solver=name), params, v, loss_fn, outputs, network, x0)
+        info.note = f"auto: {why}" + (f"; {info.note}" if info.note else "")
+        return h, info
     if cfg.solver not in ("woodbury", "kfac", "ekfac"):
         return inverse_hvp(loss_fn, params, v, cfg, outputs, x0)
     if network is None or not isinstance(network[0], torch.nn.Module):
@@ -78,3 +87,21 @@ def solve(cfg, params, v, loss_fn=None, outputs=None, network=None, x0=None):
         info.note = f"approximate inverse ({cfg.solver}, Kronecker-factored Gauss-Newton)"
     info.solution = h
     return h, info
+
+
+def choose(cfg, params, network):
+    """Solver 'auto': (name, why). Woodbury, the exact GN inverse, where the curvature is GN, the network's layers are
+    covered and its memory (n*C parameter-sized rows, the (n*C)^2 Gram matrix in float64) fits cfg.woodbury_max_mb,
+    computed before the solve; CG otherwise."""
+    if cfg.curvature != "gauss-newton":
+        return "cg", f"curvature={cfg.curvature} (woodbury inverts gauss-newton only)"
+    net, x = network if network is not None else (None, None)
+    if not isinstance(net, torch.nn.Module) or not per_instance.supports(net, params):
+        return "cg", "the network has layers woodbury does not cover"
+    with torch.no_grad():
+        classes = net(x[:1]).shape[1]
+    rows, p = len(x) * classes, sum(t.numel() for t in params)
+    need = (rows * p * x.element_size() + rows * rows * 8) / 2 ** 20
+    if need > cfg.woodbury_max_mb:
+        return "cg", f"woodbury would need {need:.0f} MB > woodbury_max_mb {cfg.woodbury_max_mb:g}"
+    return "woodbury", f"{rows} rows x {p} parameters: {need:.0f} MB <= woodbury_max_mb {cfg.woodbury_max_mb:g}"

@@ -36,13 +36,28 @@ def test_iwd_keeps_no_state_on_the_method_object(digits, task_of):
     """Everything a step's weighting needs comes in with the step and its context: distilling (checks, solver
     memory, tracked scores, statistics) leaves the method object's attributes exactly as they were."""
     m = create_method("iwd+idc", None, ["iterations=2", "inner_loop=2", "net_width=8", "batch_real=8", "n_data=16",
-                                        "factor=1", "solver_max_iter=3"])
+                                        "factor=1", "solver=cg", "solver_max_iter=3"])
     before = dict(vars(m))
     syn = m.distill(task_of(digits, 1, 0))
     assert vars(m) == before and int((syn.extras["influence"]["count"] > 0).sum()) > 0
     # the run's summary of its implicit-term solves: 2 iterations x 2 steps, CG truncated at 3 iterations
     summary = syn.metadata["solver_summary"]
     assert summary["steps"] == 4 and summary["unconverged"] == 4 and summary["max_residual"] > 1e-4
+    assert summary["solver"] == "cg"
+
+
+def test_the_default_solver_is_woodbury_where_it_fits_and_the_record_says_why(digits, task_of):
+    """solver=auto (the default): the exact Gauss-Newton inverse (Woodbury) where its n*C rows fit woodbury_max_mb,
+    computed before the solve; CG otherwise. The set's solver summary names the solver that ran and why."""
+    over = ["iterations=1", "inner_loop=2", "net_width=8", "batch_real=8", "n_data=16", "factor=1"]
+    fits = create_method("iwd+idc", None, over).distill(task_of(digits, 1, 0)).metadata["solver_summary"]
+    assert fits["solver"] == "woodbury" and fits["unconverged"] == 0 and "<= woodbury_max_mb 1024" in fits["why"]
+    tight = create_method("iwd+idc", None, over + ["woodbury_max_mb=0.01"]).distill(task_of(digits, 1, 0))
+    summary = tight.metadata["solver_summary"]
+    assert summary["solver"] == "cg" and "woodbury would need" in summary["why"] and "> woodbury_max_mb 0.01" in \
+        summary["why"]
+    hessian = create_method("iwd+idc", None, over + ["curvature=hessian"]).distill(task_of(digits, 1, 0))
+    assert hessian.metadata["solver_summary"]["solver"] in ("cg", "identity")  # CG may end at the identity answer
 
 
 def test_a_method_without_an_evaluation_trait_gets_a_clear_answer(digits, task_of):

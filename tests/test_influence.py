@@ -630,11 +630,11 @@ def test_explicit_scores_from_per_instance_gradients_match_the_double_backward(d
         for a, b in zip(stats[g], step.real_statistic(g, weights[g], False)):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     base = m.matching_loss(step, weights)  # the base's own pass over the real batch
-    step.real_stats = (weights, stats)
-    assert torch.allclose(m.matching_loss(step, weights), base, rtol=1e-12)
-    step.real_stats = (weights, [[-t for t in s] for s in stats])  # the cached statistics are what is used ...
-    assert not torch.allclose(m.matching_loss(step, weights), base, rtol=1e-3)
-    assert torch.allclose(m.matching_loss(step, list(weights)), base, rtol=1e-12)  # ... for exactly those weights
+    from benchmark.core.protocol import InstanceWeights
+    assert torch.allclose(m.matching_loss(step, InstanceWeights(weights, stats)), base, rtol=1e-12)
+    poisoned = InstanceWeights(weights, [[-t for t in s] for s in stats])  # the statistics they carry are used ...
+    assert not torch.allclose(m.matching_loss(step, poisoned), base, rtol=1e-3)
+    assert torch.allclose(m.matching_loss(step, list(poisoned)), base, rtol=1e-12)  # ... only by those weights
 
 
 def test_a_held_solution_scores_like_the_solve_that_made_it(digits, digits64, task_of):

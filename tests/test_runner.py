@@ -30,8 +30,11 @@ def _suite(tmp_path, name="tiny", **kw):
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], capture_output=True, text=True,
-                          cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 600), **kw)
+    """run.py in a subprocess, at the tests' torch thread count (2, or IWD_TEST_THREADS beside a background run:
+    oversubscribed threads slow torch down 10-40x here)."""
+    threads = ["--threads", str(torch.get_num_threads())]
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *threads, *args], capture_output=True,
+                          text=True, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 600), **kw)
 
 
 def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):

@@ -22,12 +22,13 @@ import torch
 @dataclass
 class IterationContext:
     """What the matching steps of one outer iteration share, created by the loop and passed with every step: the
-    method's state (IWD tracks per-instance scores in it), a sink for the iteration's statistics, memory a solver
-    carries from one step to the next (it starts empty each iteration, so a resumed run stays exact), and device
-    checks read on the host once, when the iteration ends (no sync per step)."""
+    method's state (IWD tracks per-instance scores in it), a sink for the iteration's statistics, what a solver
+    carries from one step to the next (reset each iteration, so a resumed run stays exact), and device checks read
+    on the host once, when the iteration ends (no sync per step)."""
     state: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
-    memory: dict = field(default_factory=dict)
+    solution: Optional[list] = None  # the previous step's inverse-HVP solution (a warm start, or held: solve_every)
+    damping: float = 0.0             # the damping the previous step's CG needed (within an iteration)
     checks: list = field(default_factory=list)      # (0-d bool tensor: all good, description of where)
     started: float = field(default_factory=time.perf_counter)
 
@@ -62,8 +63,6 @@ class MatchingStep:
         weighted gradient, Phi_real(w) = sum_j w_j grad l_j (gradient matching), and the network's layers allow
         per-instance gradients from one pass (optional): scores and the statistic at any weights are then matrix
         products, with no further pass over the real batch.
-    real_stats -> (weights, [Phi_real_g at those weights]) when instance_weights computed the statistics on its way
-        (from instance_gradients); matching_loss uses them for exactly those weights instead of another pass.
     """
     iteration: int
     params: List[torch.Tensor]
@@ -77,7 +76,6 @@ class MatchingStep:
     instance_outputs: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     output_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     instance_gradients: Optional[Callable[[int], object]] = None
-    real_stats: Optional[tuple] = None
     writer: object = None
     local_step: int = 0      # index of this matching step within the iteration (0 = first)
     context: Optional[IterationContext] = None  # None: a step outside any iteration (a test, a one-off score)
@@ -85,6 +83,15 @@ class MatchingStep:
     def __post_init__(self):
         if self.train_params is None:
             self.train_params = self.params
+
+
+class InstanceWeights(list):
+    """Per-group weights as instance_weights returns them, optionally with `statistics`: Phi_real_g at exactly these
+    weights, computed on the way (from instance_gradients), which matching_loss then uses instead of another pass."""
+
+    def __init__(self, weights, statistics=None):
+        super().__init__(weights)
+        self.statistics = statistics
 
 
 def uniform_weights(step: MatchingStep):
@@ -112,7 +119,7 @@ class WeightedMatching:
     def matching_loss(self, step: MatchingStep, weights=None):
         """sum_g Dist(Phi_syn_g, Phi_real_g(w_g)); the real statistic carries no graph (as in the references)."""
         weights = weights if weights is not None else self.instance_weights(step)
-        known = step.real_stats[1] if step.real_stats is not None and step.real_stats[0] is weights else None
+        known = getattr(weights, "statistics", None)
         total = 0.0
         for g, (syn, w) in enumerate(zip(step.syn_stats, weights)):
             real = known[g] if known is not None else step.real_statistic(g, w.detach(), False)

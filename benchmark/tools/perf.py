@@ -190,11 +190,12 @@ def section_iterations(s, ds):
             if base in GRADIENT_MATCHING:  # the baseline: autograd's double backward, no per-instance gradients
                 rb = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "per_instance": False})
                 row["iwd_double_backward_ratio"] = rb["s_per_iteration"] / r0["s_per_iteration"]
-            if base in IMPLICIT_BASES:  # the implicit term with the exact Hessian, and GN solved directly (Woodbury)
-                r2 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "curvature": "hessian"})
-                row["iwd_hessian_ratio"] = r2["s_per_iteration"] / r0["s_per_iteration"]
-                r3 = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "solver": "woodbury"})
-                row["iwd_woodbury_ratio"] = r3["s_per_iteration"] / r0["s_per_iteration"]
+            if base in IMPLICIT_BASES:  # the default (solver auto: Woodbury where it fits) against the exact Hessian
+                # with CG, GN with 20 CG iterations, and the explicit term alone (implicit=off, the cheap option)
+                for key, extra in (("iwd_hessian_ratio", {"curvature": "hessian", "solver": "cg"}),
+                                   ("iwd_cg_ratio", {"solver": "cg"}), ("iwd_explicit_only_ratio", {"implicit": "off"})):
+                    r = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, **extra})
+                    row[key] = r["s_per_iteration"] / r0["s_per_iteration"]
             rows.append(row)
     return rows
 
@@ -540,9 +541,9 @@ def run_probe(kind, env_extra, s):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IWD_NO_MALLOC_TUNING")}
     env.update(env_extra)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    code = (f"from benchmark import allocator; allocator.tune(); from benchmark.tools.perf import probe; "
+    code = (f"from benchmark.platform import allocator; allocator.tune(); from benchmark.tools.perf import probe; "
             f"probe({kind!r}, {s.dataset!r}, {s.n})")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=3600)
     if out.returncode != 0:
@@ -690,15 +691,18 @@ def report_markdown(res, command):
                   f"{p['convnet3_step_gflop']:.1f} GFLOP = {p['convnet3_gflops']:.0f} GFLOP/s, "
                   f"{100 * p['fraction_of_peak']:.0f}% of the matmul peak.", ""]
     if "iterations" in sec:
-        lines += ["## Distillation iterations (seconds per iteration; IWD ratio = iwd+X / X)", "",
+        lines += ["## Distillation iterations (seconds per iteration; IWD ratio = iwd+X / X at its defaults: for idc and "
+                  "pdd the implicit term with solver auto, Woodbury where it fits)", "",
                   _table(sec["iterations"], [("setting", "setting"), ("method", "method"),
                                              ("matching steps", "matching_steps"), ("X s/it", "s_per_iteration"),
                                              ("iwd+X s/it", "iwd_s_per_iteration"), ("IWD ratio", "iwd_ratio"),
                                              ("IWD ratio, double backward (before #18)",
                                               "iwd_double_backward_ratio"),
                                              ("influence share of iwd+X", "influence_share"),
-                                             ("IWD ratio, exact Hessian", "iwd_hessian_ratio"),
-                                             ("IWD ratio, Woodbury GN", "iwd_woodbury_ratio"), ("note", "note")]), ""]
+                                             ("IWD ratio, exact Hessian (CG)", "iwd_hessian_ratio"),
+                                             ("IWD ratio, GN with CG 20", "iwd_cg_ratio"),
+                                             ("IWD ratio, implicit=off", "iwd_explicit_only_ratio"),
+                                             ("note", "note")]), ""]
     if "explicit" in sec:
         lines += ["## IWD's explicit scores on one class's real batch (DC step): work per class and matching step, "
                   "relative to the base's real statistic (one forward+backward)", "",
