@@ -41,7 +41,8 @@ from influence import SolverConfig, implicit_scores, influence_weights
 from influence.ihvp import inverse_hvp
 from influence.kfac import woodbury_inverse
 from methods.matching import match_distance
-from influence.scores import explicit_scores, implicit_products, objective_gradient, weigh_by_explicit_scores
+from influence.scores import (explicit_scores, hessian_rows, implicit_products, objective_gradient,
+                              weigh_by_explicit_scores)
 
 
 @dataclass
@@ -344,7 +345,7 @@ def _hessian_batches(step, hb):
     and 4), and all of them (every class's instances: the best estimate of the training loss's curvature the step
     has)."""
     n = sum(len(b.y) for b in step.batches)
-    rows = torch.linspace(0, n - 1, hb).round().long()
+    rows = hessian_rows(n, hb)
     return {"default": rows, "another": (rows + 2).clamp(max=n - 1), "third": (rows + 4).clamp(max=n - 1),
             "whole": torch.arange(n)}
 
