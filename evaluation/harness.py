@@ -22,6 +22,7 @@ from typing import Tuple
 import torch
 
 from benchmark.core import seeds
+from benchmark.core.method import EVALUATION_FAMILIES as FAMILIES  # what an `evaluation` trait may declare
 from benchmark.nn.augment import DSA, strategy_for
 from benchmark.platform.errors import BenchmarkError, unknown_name
 from benchmark.platform.logging import progress_bar
@@ -70,7 +71,6 @@ _QUICK_EPOCHS = {"dc": 100, "dsa": 200, "idc": 200, "paper-dc": 100, "paper-dsa"
 for _k, _e in _QUICK_EPOCHS.items():
     PROTOCOLS[_k + "-quick"] = dataclasses.replace(PROTOCOLS[_k], name=_k + "-quick", epochs=_e, reduced=True)
 
-FAMILIES = ("dc", "dsa", "idc", "full", "mtt")  # what a method's `evaluation` trait may declare
 _OLDER_SETS = {"dm": "dsa", "pdd": "idc", "select": "dc"}  # sets saved before traits carried 'evaluation_hint'
 
 

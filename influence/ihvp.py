@@ -15,6 +15,7 @@ H + damping*I, detects NaN/divergence), 'exact' (dense Hessian, tiny models and 
 the TracIn-like ablation).
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -173,16 +174,19 @@ def exact_solve(loss_fn, params, v, damping=0.0):
 
 @dataclass
 class SolverConfig:
-    solver: str = "cg"
-    damping: float = 0.01
-    max_iter: int = 20
-    tol: float = 1e-4
+    """How the implicit term's iHVP is solved. IWD embeds these options (influence.iwd.SOLVER_KEYS)."""
+    solver: str = "cg"            # influence.solvers.SOLVERS: auto | cg | lissa | exact | identity | woodbury | kfac |
+                                  # ekfac (kfac/ekfac: approximate GN inverses, measured far less faithful)
+    damping: float = 0.01         # C + damping I: keeps the system invertible (> 0)
+    max_iter: int = 20            # CG iterations at most (IWD: solver_max_iter)
+    tol: float = 1e-4             # CG / LiSSA relative-residual stop (IWD: solver_tol)
     lissa_scale: float = 10.0
     lissa_depth: int = 200
     lissa_fallback: bool = True   # on LiSSA divergence, fall back to CG and say so
     damping_growth: float = 10.0  # CG on non-positive curvature: damping x this, restart (Levenberg-Marquardt style)
     max_damping: float = 100.0    # ... up to this; beyond it the identity solver's answer, flagged not converged
-    hessian_batch: int = 0        # implicit term: H from this many of the step's real instances (0: all of them)
+    hessian_batch: Optional[int] = None  # implicit term: H from this many evenly spaced real instances of the step
+                                         # (a stochastic estimate, ~4x cheaper at IDC settings); None: all of them
     curvature: str = "hessian"    # hessian (exact H) | gauss-newton (PSD generalised Gauss-Newton; needs outputs)
     woodbury_max_mb: float = 1024.0  # solver auto: Woodbury where its n*C pseudo-gradient rows fit this, else CG
     notes: list = field(default_factory=list)

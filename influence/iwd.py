@@ -41,18 +41,6 @@ class IWDOptions:
     trim_top: float = 0.1         # weighting=trim: the fraction of each group's highest-scored instances dropped
     trim_bottom: float = 0.0      # ... and of its lowest-scored ones; uniform weights on the rest
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
-    solver: str = "auto"          # inverse-HVP solver (influence.solvers.SOLVERS): auto (woodbury where it fits
-                                  # woodbury_max_mb, else cg) | cg | lissa | exact | identity | woodbury (the exact
-                                  # GN, directly) | kfac | ekfac (approximate GN inverses, measured far less faithful)
-    woodbury_max_mb: float = 1024.0  # solver auto: Woodbury's memory budget (n*C rows of P parameters + Gram matrix)
-    curvature: str = "gauss-newton"  # implicit term's curvature: gauss-newton (PSD; default) | hessian (the exact H:
-                                     # indefinite mid-training, CG then raises damping until it is nearly identity)
-    damping: float = 0.01
-    solver_max_iter: int = 20
-    solver_tol: float = 1e-4
-    lissa_scale: float = 10.0
-    hessian_batch: int = 128      # real instances H is estimated on (0: the whole real batch of the step; 128
-                                  # evenly spaced ones: a stochastic estimate, ~4x cheaper at IDC settings)
     track_beta: float = 0.9       # EMA factor of the per-instance score tracking
     per_instance: bool = True     # per-instance gradients from one pass where the network allows (benchmark.
                                   # per_instance): explicit scores with no double backward, the real statistic reused,
@@ -65,6 +53,19 @@ class IWDOptions:
     warm_start: bool = False      # CG starts from the previous matching step's solution (the same network a few
                                   # SGD steps later). Measured NOT to pay (results/warm-start/bench.md: ranks worse
                                   # than cold CG at equal iterations), so off
+
+
+# The implicit term's solver options are SolverConfig's (influence.ihvp, documented there), embedded in IWD's config
+# under these keys (IWD key -> SolverConfig field), with IWD's own defaults where they differ.
+SOLVER_KEYS = {"solver": "solver", "damping": "damping", "solver_max_iter": "max_iter", "solver_tol": "tol",
+               "lissa_scale": "lissa_scale", "hessian_batch": "hessian_batch", "curvature": "curvature",
+               "woodbury_max_mb": "woodbury_max_mb"}
+IWD_SOLVER_DEFAULTS = {"solver": "auto", "curvature": "gauss-newton", "hessian_batch": 128}
+
+
+def solver_config(cfg, **changes):
+    """The SolverConfig an IWD config embeds (validated by SolverConfig itself), with `changes` by SolverConfig name."""
+    return SolverConfig(**{**{field: getattr(cfg, key) for key, field in SOLVER_KEYS.items()}, **changes})
 
 
 # score z (z-scored within the group when standardize) -> unnormalised log-weight; each sums to 1 after softmax
@@ -114,11 +115,12 @@ def check_iwd_options(cfg):
          f"trim_top and trim_bottom must be in [0, 1) with a sum below 1 (got {cfg.trim_top}, {cfg.trim_bottom})"),
         (cfg.implicit in ("auto", "on", "off"), f"implicit must be auto, on or off (got {cfg.implicit!r})"),
         (cfg.solver_max_iter >= 1, f"solver_max_iter must be >= 1 (got {cfg.solver_max_iter})"),
-        (cfg.solver_tol > 0, f"solver_tol must be > 0 (got {cfg.solver_tol})"),
-        (cfg.lissa_scale > 0, f"lissa_scale must be > 0 (got {cfg.lissa_scale})"),
-        (cfg.woodbury_max_mb > 0, f"woodbury_max_mb must be > 0 (got {cfg.woodbury_max_mb})"),
+        (cfg.solver_tol > 0 and cfg.lissa_scale > 0 and cfg.woodbury_max_mb > 0,
+         f"solver_tol, lissa_scale and woodbury_max_mb must be > 0 (got {cfg.solver_tol}, {cfg.lissa_scale}, "
+         f"{cfg.woodbury_max_mb})"),
+        (cfg.hessian_batch is None or cfg.hessian_batch >= 1,
+         f"hessian_batch must be >= 1, or none for the whole real batch (got {cfg.hessian_batch})"),
         (cfg.solve_every >= 1, f"solve_every must be >= 1 (got {cfg.solve_every}; 1: solve at every step)"),
-        (cfg.hessian_batch >= 0, f"hessian_batch must be >= 0 (got {cfg.hessian_batch}; 0: the whole batch)"),
         (0 <= cfg.track_beta < 1, f"track_beta must be in [0, 1) (got {cfg.track_beta})"),
     ]
     for ok, message in checks:
@@ -136,7 +138,10 @@ def iwd_config(base_config):
         if base_validate is not None:
             base_validate(self)
         check_iwd_options(self)
-    fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(IWDOptions)]
+    solver_fields = {f.name: f for f in dataclasses.fields(SolverConfig)}
+    fields = [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(IWDOptions)] + [
+        (key, solver_fields[name].type, dataclasses.field(default=IWD_SOLVER_DEFAULTS.get(key, solver_fields[name].default)))
+        for key, name in SOLVER_KEYS.items()]
     return dataclasses.make_dataclass("IWD" + base_config.__name__, fields, bases=(base_config,),
                                       namespace={"validate": validate})
 
@@ -194,10 +199,7 @@ def influence_weighted(cls=None, *, name=None):
             ctx = step.context if step.context is not None else IterationContext()
             # within an iteration, CG starts from the damping the previous step needed (divided by the growth, so it
             # can fall again); each iteration (a fresh network, a fresh context) starts from c.damping
-            cfg = SolverConfig(solver=c.solver, damping=max(c.damping, ctx.damping),
-                               max_iter=c.solver_max_iter, tol=c.solver_tol, lissa_scale=c.lissa_scale,
-                               hessian_batch=c.hessian_batch, curvature=c.curvature,
-                               woodbury_max_mb=c.woodbury_max_mb)
+            cfg = solver_config(c, damping=max(c.damping, ctx.damping))
             implicit = None if c.implicit == "auto" else (c.implicit == "on")
             x0 = ctx.solution if c.warm_start else None
             weigh = lambda s: influence_weights(s, c.tau, c.standardize, c.weighting, c.trim_top,  # noqa: E731

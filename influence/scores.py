@@ -93,7 +93,7 @@ def implicit_scores(step, weights, solver: SolverConfig, g_m=None, x0=None, per_
     if g_m is None:
         g_m = objective_gradient(step, weights)
     xh, yh = x, y
-    if 0 < solver.hessian_batch < len(y):  # a stochastic Hessian estimate
+    if solver.hessian_batch is not None and solver.hessian_batch < len(y):  # a stochastic Hessian estimate
         rows = to_device(hessian_rows(len(y), solver.hessian_batch), y.device)
         xh, yh = x[rows], y[rows]
     outputs = None
@@ -135,8 +135,8 @@ def gradient_products(x, y, h, params, instance_loss, net=None, output_loss=None
 
 def hessian_rows(n, hessian_batch):
     """The rows of a batch of n that the curvature is estimated on: `hessian_batch` evenly spaced ones (they cover
-    every class of a class-sorted batch), or all n (hessian_batch 0, or not below n)."""
-    return torch.linspace(0, n - 1, hessian_batch).round().long() if 0 < hessian_batch < n else torch.arange(n)
+    every class of a class-sorted batch), or all n (hessian_batch None, or not below n)."""
+    return torch.linspace(0, n - 1, hessian_batch).round().long() if (hessian_batch or n) < n else torch.arange(n)
 
 
 def step_scores(step, weights, solver: SolverConfig = None, implicit=None, x0=None, per_instance_grads=True,

@@ -12,6 +12,8 @@ import torch
 
 from benchmark.platform.errors import BenchmarkError
 from benchmark.nn.real_pass import check_real_pass
+from benchmark.nn.augment import DSAOptions
+from benchmark.nn.networks import NetworkOptions
 from benchmark.core.registry import register_method
 from benchmark.nn.training import train_steps
 
@@ -19,10 +21,8 @@ from .matching import GradientMatching, dc_loops
 
 
 @dataclass
-class DCConfig:
+class DCConfig(DSAOptions, NetworkOptions):
     iterations: int = 1000
-    network: str = "ConvNet"
-    net_width: Optional[int] = None      # None: the network's own width
     batch_real: int = 256
     lr_img: float = 0.1
     momentum_img: float = 0.5
@@ -34,8 +34,7 @@ class DCConfig:
     max_outer_loop: Optional[int] = None  # None: no cap (reduced presets cap the table's outer loop)
     init: str = "noise"                  # noise | real
     metric: str = "ours"                 # ours | mse | cos | l1
-    dsa: bool = False
-    dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
+    dsa: bool = False                    # DC's reference does not augment (DSA does)
     real_pass: str = "eager"             # eager (faithful) | compile | bf16: how the real gradient is computed
                                          # (benchmark.nn.real_pass)
 
@@ -71,7 +70,7 @@ class DC(GradientMatching):
         if cfg.max_outer_loop:
             cfg.outer_loop = min(cfg.outer_loop, cfg.max_outer_loop)
         cfg.inner_loop = cfg.inner_loop or inner
-        return self.resolve_dsa(cfg, task)
+        return cfg.resolve_dsa(task.dataset)
 
     def match_steps(self, task):
         return self.config.outer_loop

@@ -7,11 +7,12 @@ Batched across classes: one forward for all classes' real images and one for all
 per-sample normalisation; BatchNorm networks fall back to the reference's per-class passes).
 """
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from benchmark.core.protocol import MatchingStep
+from benchmark.nn.augment import DSAOptions
+from benchmark.nn.networks import NetworkOptions
 from benchmark.core.registry import register_method
 
 from .dc import QUICK_NET
@@ -19,16 +20,12 @@ from .matching import MatchingMethod, has_batchnorm
 
 
 @dataclass
-class DMConfig:
+class DMConfig(DSAOptions, NetworkOptions):
     iterations: int = 20000
-    network: str = "ConvNet"
-    net_width: Optional[int] = None
     batch_real: int = 256
     lr_img: float = 1.0
     momentum_img: float = 0.5
     init: str = "real"
-    dsa: bool = True
-    dsa_strategy: Optional[str] = None
 
 
 def _sq_distance(syn, real):
@@ -44,7 +41,7 @@ class DM(MatchingMethod):
     evaluation = "dsa"  # the reference evaluates DM's sets with DSA augmentation
 
     def resolve(self, task):
-        return self.resolve_dsa(super().resolve(task), task)
+        return super().resolve(task).resolve_dsa(task.dataset)
 
     def fresh_net(self, task, index):
         net = super().fresh_net(task, index)

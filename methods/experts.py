@@ -29,7 +29,7 @@ from benchmark.nn.augment import DSA
 from benchmark.platform.errors import BenchmarkError
 from benchmark.platform.files import save_torch_atomic
 from benchmark.platform.locks import file_lock
-from benchmark.nn.networks import get_network
+from benchmark.nn.networks import NetworkOptions
 from benchmark.core.synthetic import safe_load
 from benchmark.nn.training import train_steps
 
@@ -54,9 +54,7 @@ class ExpertSpec:
 
 
 def new_network(task, spec, seed):
-    ds = task.dataset
-    kw = {"width": spec.net_width} if spec.net_width else {}
-    return get_network(spec.network, ds.channels, ds.num_classes, ds.image_size, seed=seed, **kw).to(task.device)
+    return NetworkOptions(spec.network, spec.net_width).build_network(task.dataset, seed, task.device)
 
 
 def flat_params(net):

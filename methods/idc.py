@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from benchmark.platform.device import to_device
 from benchmark.nn.real_pass import check_real_pass
+from benchmark.nn.augment import DSAOptions
+from benchmark.nn.networks import NetworkOptions
 from benchmark.core.registry import register_method
 from benchmark.core.synthetic import decode_multi_formation
 from benchmark.nn.training import train_steps
@@ -27,11 +29,9 @@ from .matching import GradientMatching
 
 
 @dataclass
-class IDCConfig:
+class IDCConfig(DSAOptions, NetworkOptions):
     iterations: int = 2000        # the reference's niter
     inner_loop: int = 100
-    network: str = "ConvNet"
-    net_width: Optional[int] = None
     factor: Optional[int] = None  # None: 2 for 28/32 px images (reference), 1 below 16 px (8 px digits: tiles of
                                   # 4 px lose the digit; a documented deviation)
     batch_real: int = 64
@@ -45,8 +45,6 @@ class IDCConfig:
     batch_net: int = 64
     cutmix_p: float = 0.5
     metric: Optional[str] = None  # None: l1 for MNIST-like data, mse otherwise
-    dsa: bool = True
-    dsa_strategy: Optional[str] = None
     real_pass: str = "eager"      # eager (faithful) | compile | bf16 (benchmark.nn.real_pass)
 
     def validate(self):
@@ -74,7 +72,7 @@ class IDC(GradientMatching):
             cfg.lr_img_base = 1e-4 if mnist_like else 5e-3
         if cfg.n_data is None:
             cfg.n_data = 2000 if ds.spec.family == "cifar" else 500
-        return self.resolve_dsa(cfg, task)
+        return cfg.resolve_dsa(task.dataset)
 
     def image_lr(self, task):
         return self.config.lr_img_base * task.ipc / 10

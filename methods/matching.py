@@ -16,10 +16,8 @@ import torch.nn.functional as F
 
 from influence import per_instance
 from benchmark.core import seeds
-from benchmark.nn.augment import DSA, strategy_for
 from benchmark.platform.device import to_device
 from benchmark.core.method import IterativeMethod
-from benchmark.nn.networks import get_network
 from benchmark.core.protocol import IterationContext, MatchingStep, RealBatch, WeightedMatching
 from benchmark.nn.real_pass import run as real_pass_run
 from benchmark.core.synthetic import SyntheticSet
@@ -142,19 +140,10 @@ class MatchingMethod(WeightedMatching, IterativeMethod):
 
     # --- shared pieces -----------------------------------------------------------------------------------------
     def fresh_net(self, task, index):
-        cfg, ds = self.config, task.dataset
-        kw = {"width": cfg.net_width} if cfg.net_width else {}
-        return get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size,
-                           seed=seeds.network_seed(task.seed, index), **kw).to(task.device)
+        return self.config.build_network(task.dataset, seeds.network_seed(task.seed, index), task.device)
 
     def dsa_for(self, task):
-        return DSA(strategy=self.config.dsa_strategy) if self.config.dsa else None
-
-    def resolve_dsa(self, cfg, task):
-        """dsa_strategy None -> the dataset's (recorded only when DSA is on: otherwise none ran)."""
-        if cfg.dsa and cfg.dsa_strategy is None:
-            cfg.dsa_strategy = strategy_for(task.dataset)
-        return cfg
+        return self.config.make_dsa()
 
     def real_batch(self, task, c, gen, real_indices=None):
         """Class c's real batch: `batch_real` indices drawn (CPU generator) unless given; data on the device."""

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from benchmark.nn.augment import DSA, strategy_for
+from benchmark.nn.augment import DSAOptions
+from benchmark.nn.networks import NetworkOptions
 from benchmark.platform.errors import BenchmarkError
 from benchmark.core.method import IterativeMethod, NonFiniteError
 from benchmark.core.registry import register_method
@@ -49,10 +50,8 @@ def reference_row(dataset, ipc):
 
 
 @dataclass
-class MTTConfig:
+class MTTConfig(DSAOptions, NetworkOptions):
     iterations: int = 5000
-    network: str = "ConvNet"
-    net_width: Optional[int] = None
     num_experts: int = 100
     syn_steps: Optional[int] = None        # None: the reference table's value for the dataset and IPC
     expert_epochs: Optional[int] = None
@@ -66,8 +65,6 @@ class MTTConfig:
     momentum_img: float = 0.5
     momentum_lr: float = 0.5
     init: str = "real"
-    dsa: bool = True
-    dsa_strategy: Optional[str] = None
 
     def validate(self):
         for key in ("iterations", "num_experts", "syn_steps", "expert_epochs", "max_start_epoch", "max_start_cap",
@@ -105,9 +102,7 @@ class MTT(IterativeMethod):
                 setattr(cfg, key, value)
         if cfg.max_start_cap is not None:
             cfg.max_start_epoch = min(cfg.max_start_epoch, cfg.max_start_cap)
-        if cfg.dsa and cfg.dsa_strategy is None:
-            cfg.dsa_strategy = strategy_for(task.dataset)
-        return cfg
+        return cfg.resolve_dsa(task.dataset)
 
     def _table_ipc(self, task):
         return task.ipc
@@ -188,7 +183,7 @@ class MTT(IterativeMethod):
     def unroll(self, student, start_params, images, labels, syn_lr, gen, task):
         """syn_steps differentiable SGD steps of the student on the synthetic set, from `start_params`."""
         c = self.config
-        dsa = DSA(strategy=c.dsa_strategy) if c.dsa else None
+        dsa = c.make_dsa()
         w = start_params.clone().requires_grad_(True)
         chunks = []
         for _ in range(c.syn_steps):

@@ -101,6 +101,39 @@ def test_traits_replace_name_lists():
         [False, False, False, True, True]
 
 
+def test_a_bad_declaration_is_refused_when_the_method_registers():
+    """Traits, config and presets are checked once, at registration (before: a typo'd preset key or trait surfaced
+    only when a suite ran the method, or never)."""
+    from benchmark.core.method import Method
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 1
+    for attrs, message in (({"evaluation": "dcc"}, "evaluation = 'dcc'"), ({"ranked": "yes"}, "ranked = 'yes'"),
+                           ({"presets": {"cpu": {"step": 2}}}, "preset 'cpu' sets unknown key.s. step")):
+        cls = type("Bad", (Method,), {"Config": Cfg, **attrs})
+        with pytest.raises(BenchmarkError, match=message):
+            register_method("bad-declaration")(cls)
+    with pytest.raises(BenchmarkError, match="no method|unknown method"):
+        get_method("bad-declaration")
+
+
+def test_iwd_embeds_the_solver_options_and_none_means_the_whole_batch():
+    """IWD's solver keys are SolverConfig's fields (types from there, IWD's defaults where they differ), and
+    hessian_batch none (not a 0 sentinel) estimates the curvature on every instance of the step."""
+    from influence.ihvp import SolverConfig
+    from influence.iwd import SOLVER_KEYS, solver_config
+    from influence.scores import hessian_rows
+    cfg = create_method("iwd+idc", None, ["hessian_batch=none", "solver_max_iter=7"]).config
+    fields = {f.name: f.type for f in dataclasses.fields(SolverConfig)}
+    assert all(dict((f.name, f.type) for f in dataclasses.fields(cfg))[k] == fields[v] for k, v in SOLVER_KEYS.items())
+    solver = solver_config(cfg)
+    assert (solver.solver, solver.curvature, solver.max_iter, solver.hessian_batch) == ("auto", "gauss-newton", 7, None)
+    assert torch.equal(hessian_rows(640, None), torch.arange(640)) and len(hessian_rows(640, 128)) == 128
+    with pytest.raises(BenchmarkError, match="hessian_batch must be >= 1, or none"):
+        create_method("iwd+idc", None, ["hessian_batch=0"])
+
+
 def test_progress_in_a_log_is_a_few_lines_not_one_per_update(digits, task_of, capsys):
     """stderr that is not a terminal (a log file) gets periodic one-line progress, not a bar redrawn per step."""
     create_method("dc", None, TINY_DC + ["iterations=6"]).distill(task_of(digits, 1, 0, progress=True))

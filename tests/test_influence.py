@@ -536,7 +536,7 @@ def test_weighting_rules_move_weight_where_they_say():
 @pytest.mark.parametrize("bad, message", [("damping=0", "damping must be > 0"), ("damping=-1", "damping must be > 0"),
                                           ("solver_tol=0", "solver_tol"), ("solver_max_iter=0", "solver_max_iter"),
                                           ("track_beta=1", "track_beta"), ("weighting=magic", "unknown weighting"),
-                                          ("trim_top=1", "trim_top"), ("hessian_batch=-1", "hessian_batch"),
+                                          ("trim_top=1", "trim_top"), ("hessian_batch=0", "hessian_batch"),
                                           ("lissa_scale=0", "lissa_scale")])
 def test_bad_iwd_options_are_one_line_errors_from_the_cli(bad, message):
     """Exit code 2 and one line naming the option, before any work (a zero damping used to make CG on the exact

@@ -1,4 +1,4 @@
-"""The grid runner, records, resume after kill -9, failures, Ray, the leaderboard formats, TensorBoard, the CLI."""
+"""The grid runner: records, resume after kill -9, failures, locks, Ray and process executors, TensorBoard, figures."""
 import glob
 import json
 import os
@@ -13,28 +13,8 @@ import torch
 import yaml
 
 from benchmark.grid.runner import read_records, run_suite
-from benchmark.grid.suites import load_suite
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_DC = ["iterations=3", "net_width=8", "batch_real=8", "inner_loop=2"]
-
-
-def _suite(tmp_path, name="tiny", **kw):
-    spec = {"datasets": ["digits"], "methods": ["random", "dc", "iwd+dc"], "ipc": [1], "seeds": [0],
-            "preset": "reference", "protocol": "dc-quick", "num_eval": 2, "eval_networks": ["ConvNetW32"],
-            "overrides": {"dc": TINY_DC, "iwd+dc": TINY_DC}, "reduced": True, "description": "test suite"}
-    spec.update(kw)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return load_suite(str(path))
-
-
-def _cli(*args, **kw):
-    """run.py in a subprocess, at the tests' torch thread count (2, or IWD_TEST_THREADS beside a background run:
-    oversubscribed threads slow torch down 10-40x here)."""
-    threads = ["--threads", str(torch.get_num_threads())]
-    return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *threads, *args], capture_output=True,
-                          text=True, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 600), **kw)
+from helpers import ROOT, TINY_DC, cli as _cli, tiny_suite as _suite
 
 
 def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
@@ -222,19 +202,6 @@ def test_status_says_where_each_cell_stands(tmp_path, interrupt_at):
     assert out.stdout.strip().splitlines()[-1] == "1 done, 1 running, 1 interrupted, 1 failed, 2 pending"
 
 
-def test_reported_rows_are_marked_and_keep_a_missing_std_missing(tmp_path):
-    """Published numbers appear as '(reported)' rows in all three formats; IDC's Fashion-MNIST numbers come without
-    a std in its paper, and the table must not invent one."""
-    from benchmark.report.leaderboard import write_leaderboard
-    from benchmark.grid.runner import run_cell
-    suite = _suite(tmp_path, methods=["random"])
-    record = dict(run_cell(suite, suite.cells()[0], str(tmp_path / "runs"), log=False), dataset="fashion-mnist")
-    md = open(write_leaderboard([record], str(tmp_path / "out"), suite, "cmd")).read()
-    assert "| DC (reported) | 70.5 ± 0.6 |" in md and "| IDC (reported) | 81.0 |" in md
-    assert "IDC (reported) & 81.0 \\\\" in open(tmp_path / "out" / "leaderboard.tex").read()
-    assert "IDC,fashion-mnist,1,81.0,,,,,reported" in open(tmp_path / "out" / "leaderboard.csv").read()
-
-
 def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     over = ["iterations=40", "net_width=8", "batch_real=8", "outer_loop=1"]
     suite_path = tmp_path / "killme.yaml"
@@ -291,41 +258,6 @@ def test_process_executor_survives_a_killed_worker(tmp_path):
     assert len(failures) == 3 and all("worker died (exit code -9)" in msg for _, msg in failures)
 
 
-def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
-    out = _cli("list")
-    assert out.returncode == 0 and "iwd+dc" in out.stdout and "fashion-mnist" in out.stdout
-    bad = _cli("distill", "--method", "iwd+dcc", "--out", str(tmp_path / "x.pt"))
-    assert bad.returncode == 2 and "Did you mean 'iwd+dc'" in bad.stderr and "Traceback" not in bad.stderr
-    big = _cli("distill", "--method", "random", "--ipc", "1000", "--out", str(tmp_path / "x.pt"))
-    assert big.returncode == 2 and "larger than the smallest class" in big.stderr
-    miss = _cli("evaluate", str(tmp_path / "nothing.pt"))
-    assert miss.returncode == 2 and "file not found" in miss.stderr
-    ok = _cli("distill", "--method", "random", "--ipc", "2", "--out", str(tmp_path / "r.pt"))
-    assert ok.returncode == 0, ok.stderr
-    ev = _cli("evaluate", str(tmp_path / "r.pt"), "--protocol", "dc-quick", "--network", "ConvNetW32",
-              "--num-eval", "1")
-    assert ev.returncode == 0 and "dc-quick" in ev.stdout and "%" in ev.stdout
-    plug = _cli("--plugin", "no_such_module_xyz", "list")
-    assert plug.returncode == 2 and "failed to import" in plug.stderr
-
-
-def test_bench_damping_section_known_answers(digits, monkeypatch):
-    """The opt-in damping section on digits with two dampings: each whole-batch answer against itself is 1, and a
-    very large damping makes the solve the identity's (h = g_M / damping: the same ranking as TracIn-like)."""
-    from benchmark.tools import perf
-    import itertools
-    monkeypatch.setattr(perf, "DAMPINGS", (0.01, 1e6))
-    steps = perf._idc_steps
-    monkeypatch.setattr(perf, "_idc_steps", lambda s, ds: itertools.islice(steps(s, ds), 1))  # the fresh network
-    rows = perf.section_damping(perf.BenchSettings(dataset="digits", repeats=1), digits)
-    assert [(r["network"], r["damping"]) for r in rows] == [("fresh network", 0.01), ("fresh network", 1e6)]
-    for r in rows:
-        if r["damping"] == 0.01:
-            assert r["whole_vs_whole_at_0.01"] == 1.0
-        else:
-            assert r["whole_vs_identity"] > 0.999 and r["another_batch"] > 0.999
-
-
 def test_influence_figure_is_a_png(tmp_path, digits):
     from benchmark.report.figures import influence_figure
     scores = torch.linspace(-1, 1, len(digits.y_train))
@@ -334,44 +266,6 @@ def test_influence_figure_is_a_png(tmp_path, digits):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_quick_smoke_writes_report(tmp_path):
-    """`run.py bench --quick` end to end on digits (a smoke check: no timing is asserted). The per-sample-loop
-    baseline must agree with the O(1) influence path; the allocator probes run in subprocesses."""
-    out = _cli("bench", "--quick", "-d", "digits", "--repeats", "1", "--out", str(tmp_path),
-               "--sections", "peak,explicit,ihvp,curvature,evaluation,allocator,memory")
-    assert out.returncode == 0, out.stderr
-    res = json.load(open(tmp_path / "bench.json"))
-    sec = res["sections"]
-    ex = sec["explicit"][0]
-    assert ex["max_rel_diff_double"] < 1e-4 and ex["max_rel_diff_per_instance"] < 1e-4 and ex["speedup"] > 0
-    assert {r["allocator"] for r in sec["allocator"]} >= {"glibc default", "glibc tuned (mallopt)"}
-    assert all("error" not in r for r in sec["allocator"])
-    assert "default" in sec["allocator"][0]["mode"] and "tuned" in sec["allocator"][1]["mode"]
-    assert sec["memory"][0]["growth_after_2_mb"] < 50
-    gn = [r for r in sec["ihvp"] if r["curvature"] == "gauss-newton"]
-    assert gn and gn[0]["damping"] == 0.01  # PSD: CG never has to raise the damping
-    curv = {(r["network"], r["solver"]): r for r in sec["curvature"]}
-    assert len(curv) == 20  # (7 solvers + 2 other Hessian batches + the whole batch) x (fresh, after 200 SGD steps)
-    for phase in ("fresh network", "after 200 SGD steps"):  # known answers: the reference against itself, and the
-        assert curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_converged_gn"] == 1.0  # exact direct solve
-        assert curv[(phase, "gauss-newton, Woodbury (exact, direct)")]["spearman_vs_converged_gn"] > 0.999
-        assert curv[(phase, "identity (TracIn-like)")]["spearman_vs_identity"] == 1.0
-        whole = curv[(phase, "gauss-newton on the whole real batch (Woodbury, exact)")]
-        assert whole["spearman_vs_whole_batch_gn"] == 1.0
-        assert abs(curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_whole_batch_gn"]
-                   - whole["spearman_vs_converged_gn"]) < 1e-12  # the same pair, read from either side
-    md = open(tmp_path / "bench.md").read()
-    assert "IWD's explicit scores" in md and res["machine"]["commit"] in md
-    bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
-    assert bad.returncode == 2 and "unknown bench section" in bad.stderr
-
-
-def test_iteration_timing_covers_iwd_and_plain_dc(digits):
-    from benchmark.tools.perf import iteration_times
-    r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
-    assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]
-    plain = iteration_times("dc", "quick", digits, 2, "cpu", 1)  # plain DC: timed, no influence share
-    assert plain["s_per_iteration"] > 0 and plain["influence_s"] == 0 and plain["matching_steps"] == 1  # IPC 2: the
     # reference table's nearest entry (IPC 1) has one outer step
 
 
@@ -434,30 +328,6 @@ def test_nan_in_influence_scores_stops_the_cell_keeping_the_checkpoint(tmp_path,
     assert [r["method"] for r in read_records(runs, "poisoned")] == ["random"]
 
 
-def test_bad_input_is_one_line_with_the_fix(tmp_path):
-    cases = [(["distill", "-m", "random", "-d", "nosuch", "-o", "x.pt"], "unknown dataset 'nosuch'"),
-             (["distill", "-m", "dc", "--ipc", "0", "-o", "x.pt"], "IPC must be at least 1"),
-             (["distill", "-m", "iwd+dc", "--set", "tau=0", "-o", "x.pt"], "tau must be > 0"),
-             (["distill", "-m", "dc", "--set", "iterations=1.5", "-o", "x.pt"], "expects int"),
-             (["distill", "-m", "mtt", "--set", "syn_steps=0", "-o", "x.pt"], "syn_steps must be at least 1"),
-             (["distill", "-m", "iwd+idc", "--set", "solver=woodbury", "--set", "curvature=hessian", "-o", "x.pt"],
-              "solver=woodbury inverts the Gauss-Newton matrix only"),
-             (["distill", "-m", "random", "-o", str(tmp_path / "f" / "x.pt")], "choose a writable --out"),
-             (["run", "--suite", "quik"], "Did you mean 'quick'"),
-             (["run", "--suite", "quick", "--run-root", str(tmp_path / "f" / "runs")], "writable --run-root"),
-             (["evaluate", str(tmp_path / "nothing.pt")], "file not found")]
-    (tmp_path / "f").write_text("a file where a folder should be")
-    for args, message in cases:
-        out = _cli(*args, cwd=str(tmp_path))
-        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
-    ok = _cli("distill", "-m", "random", "--ipc", "1", "-o", str(tmp_path / "r.pt"))
-    assert ok.returncode == 0
-    for args, message in [(["evaluate", str(tmp_path / "r.pt"), "--network", "ConvNett"], "Did you mean 'ConvNet'"),
-                          (["evaluate", str(tmp_path / "r.pt"), "--protocol", "dcc"], "unknown protocol 'dcc'")]:
-        out = _cli(*args)
-        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
-
-
 def test_tau_architecture_and_sorted_figures(tmp_path, digits):
     """Figures 4a, 4b (from records, as the table command draws them) and 5 (from a set and scores) are PNGs."""
     from benchmark.report.figures import sorted_by_influence_figure, suite_figures
@@ -490,39 +360,6 @@ def test_corrupted_cell_records_the_corruption_and_influence_auc(tmp_path):
     assert rec["corruption_weight_corrupted"] > 0 and rec["corruption_weight_clean"] > 0
     from benchmark.report.leaderboard import corruption_section
     assert any("ROC AUC" in line for line in corruption_section([rec]))
-
-
-def test_gain_over_random_and_reported_table1_rows():
-    """The gain line subtracts random's mean in each column from every ranked row (selection rows are not listed);
-    the IWD paper's Table-1 rows we do not run are reported where their datasets appear."""
-    from benchmark.report.leaderboard import REPORTED, gain_over_random
-    cols = [("cifar10", 1), ("cifar10", 10)]
-    rows = {"random": {cols[0]: {"mean": 14.0}, cols[1]: {"mean": 26.0}},
-            "herding": {cols[0]: {"mean": 20.0}}, "dc": {cols[0]: {"mean": 28.5}}}
-    lines = gain_over_random(rows, cols)
-    assert "| dc | +14.5 | — |" in lines and not any(line.startswith("| herding") for line in lines)
-    assert REPORTED["MTT"][("cifar10", 10)] == (65.6, 0.7) and ("svhn", 1) not in REPORTED["MTT"]
-
-
-def test_an_iwd_row_is_compared_with_its_base_over_the_seeds_both_have():
-    """A partly run suite: the base has seeds 0-2, the IWD row seed 0 only. The difference is seed 0's (not one seed
-    against three), and the table says so."""
-    from benchmark.report.leaderboard import _fmt, build_table
-
-    def rec(method, seed, accs):
-        return {"method": method, "dataset": "digits", "ipc": 1, "seed": seed, "variant": "",
-                "accuracy": {"accuracies": accs}, "evaluations": {}}
-    records = [rec("dc", 0, [0.60, 0.61]), rec("dc", 1, [0.70, 0.71]), rec("dc", 2, [0.72, 0.73]),
-               rec("iwd+dc", 0, [0.64, 0.65])]
-    _, rows = build_table(records)
-    cell = rows["iwd+dc"][("digits", 1)]
-    assert cell["diff"] == pytest.approx(4.0) and cell["diff_seeds"] == 1
-    text = _fmt(cell, "md")
-    assert "(+4.0" in text and text.endswith("on 1 common seed)")
-    records.append(rec("iwd+dc", 1, [0.70, 0.71]))
-    records.append(rec("iwd+dc", 2, [0.72, 0.73]))
-    _, rows = build_table(records)
-    assert "diff_seeds" not in rows["iwd+dc"][("digits", 1)]
 
 
 def test_every_committed_suite_builds_every_cell():

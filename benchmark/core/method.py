@@ -47,6 +47,9 @@ class Task:
             self.dataset = self.dataset.on(self.device)
 
 
+EVALUATION_FAMILIES = ("dc", "dsa", "idc", "full", "mtt")  # what a method's `evaluation` trait may declare
+
+
 @dataclass
 class BaseConfig:
     pass
@@ -119,6 +122,11 @@ class Method:
     evaluation: Optional[str] = None
     ranked = True
     uses_ipc = True
+    TRAITS = ("evaluation", "ranked", "uses_ipc")  # checked at registration, copied into each record
+
+    @classmethod
+    def traits(cls):
+        return {k: getattr(cls, k) for k in cls.TRAITS}
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.make_config()

@@ -12,10 +12,12 @@ Users register their own methods from their own module and load it with `run.py 
 way: setup.cfg declares `methods` (which lists them all) as an entry point of that group, so the core imports no
 method.
 """
+import dataclasses
 import fnmatch
 import importlib
 
 from benchmark.platform.errors import BenchmarkError, unknown_name
+from .method import EVALUATION_FAMILIES
 
 _METHODS = {}
 _BUILTINS_LOADED = False
@@ -24,9 +26,28 @@ _BUILTINS_LOADED = False
 def register_method(name):
     def deco(cls):
         cls.name = name
+        check_declaration(cls)
         _METHODS[name] = cls
         return cls
     return deco
+
+
+def check_declaration(cls):
+    """A method's declared traits, config and presets, checked once when it registers (not when a suite runs)."""
+    problems = []
+    if cls.evaluation is not None and cls.evaluation not in EVALUATION_FAMILIES:
+        problems.append(f"evaluation = {cls.evaluation!r} is none of {', '.join(EVALUATION_FAMILIES)} (or None)")
+    problems += [f"{t} = {getattr(cls, t)!r} is not True or False" for t in ("ranked", "uses_ipc")
+                 if not isinstance(getattr(cls, t), bool)]
+    if not dataclasses.is_dataclass(cls.Config):
+        problems.append(f"Config {cls.Config.__name__} is not a dataclass")
+    else:
+        keys = {f.name for f in dataclasses.fields(cls.Config)}
+        problems += [f"preset {p!r} sets unknown key(s) {', '.join(sorted(set(o) - keys))}"
+                     for p, o in cls.presets.items() if set(o) - keys]
+    if problems:
+        raise BenchmarkError(f"method {cls.name!r} ({cls.__module__}.{cls.__qualname__}) cannot register: "
+                             f"{'; '.join(problems)}")
 
 
 def family(cls):

@@ -18,7 +18,7 @@ from benchmark.platform.files import check_writable, read_json, utc_now, write_j
 from benchmark.platform.locks import file_lock, holder_alive
 from .suites import Cell, Suite
 from benchmark.core.method import Task
-from benchmark.core.registry import LOADED_PLUGINS, create_method, load_plugin
+from benchmark.core.registry import LOADED_PLUGINS, create_method, get_method, load_plugin
 from benchmark.core.synthetic import SyntheticSet, provenance, safe_load
 from benchmark.data.datasets import get_dataset
 from benchmark.platform import allocator, device as devices
@@ -193,6 +193,7 @@ def make_record(suite, cell, synset, ds, evals, started, device):
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "data_source": getattr(ds, "source", None),
         "solver_summary": synset.metadata.get("solver_summary"),  # IWD's implicit-term solves: truncated or not
+        "traits": get_method(cell.method).traits(),  # what the leaderboard reads (ranked, uses_ipc)
     }
     if ds.corruption:
         record.update(corruption_stats(ds, synset))

@@ -8,6 +8,7 @@ saturation and contrast together. Ops work in normalised space without clamping,
 Geometric ops (scale, rotate, flip, translate) use kornia.geometry; all ops are differentiable in the images.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import kornia.geometry.transform as KT
 import torch
@@ -139,3 +140,19 @@ def cutmix(x, y, generator=None):
 
 def cutmix_loss(logits, y_a, y_b, lam):
     return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+@dataclass
+class DSAOptions:
+    """The DSA option group of every method config that augments (declared once, here)."""
+    dsa: bool = True
+    dsa_strategy: Optional[str] = None   # None: by dataset (no flip where a flip changes the label)
+
+    def resolve_dsa(self, dataset):
+        """dsa_strategy None -> the dataset's (recorded only when DSA is on: otherwise none ran)."""
+        if self.dsa and self.dsa_strategy is None:
+            self.dsa_strategy = strategy_for(dataset)
+        return self
+
+    def make_dsa(self):
+        return DSA(strategy=self.dsa_strategy) if self.dsa else None

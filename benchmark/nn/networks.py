@@ -5,6 +5,8 @@ network exposes `embed(x)` (penultimate features, used by DM and herding) and `c
 Reference names follow the DC/DSA/DM code: ConvNet = ConvNet-3, width 128, instance norm, ReLU, average pooling.
 """
 import contextlib
+from dataclasses import dataclass
+from typing import Optional
 import fnmatch
 
 import torch
@@ -60,6 +62,18 @@ def make_norm(norm, ch, size):
 
 def make_act(act):
     return {"relu": nn.ReLU(), "leakyrelu": nn.LeakyReLU(0.01), "sigmoid": nn.Sigmoid(), "gelu": nn.GELU()}[act]
+
+
+@dataclass
+class NetworkOptions:
+    """The network option group of every method config that builds networks by name (declared once, here)."""
+    network: str = "ConvNet"
+    net_width: Optional[int] = None      # None: the network's own width
+
+    def build_network(self, dataset, seed, device):
+        kw = {"width": self.net_width} if self.net_width else {}
+        return get_network(self.network, dataset.channels, dataset.num_classes, dataset.image_size, seed=seed,
+                           **kw).to(device)
 
 
 class ConvNet(nn.Module):

@@ -63,14 +63,20 @@ def _reported(mean_std, pm):
     return f"{mean:.1f}" if std is None else f"{mean:.1f}{pm}{std:.1f}"
 
 
-def _trait(method_name, trait):
-    """A method's declared trait (`ranked`: selection baselines and the upper bound are not; `uses_ipc`: the
-    upper bound's one cell spans every IPC column). A method not registered here (a plugin not loaded) gets the
-    defaults."""
-    try:
-        return getattr(get_method(method_name), trait)
-    except BenchmarkError:
-        return getattr(Method, trait)
+def method_traits(records):
+    """Method name -> its declared traits (`ranked`: selection baselines and the upper bound are not; `uses_ipc`:
+    the upper bound's one cell spans every IPC column), as the records carry them. Records made before they did:
+    the registry's, and for a method not registered here (a plugin not loaded) the defaults."""
+    out = {}
+    for r in records:
+        if r.get("traits"):
+            out[r["method"]] = r["traits"]
+        elif r["method"] not in out:
+            try:
+                out[r["method"]] = get_method(r["method"]).traits()
+            except BenchmarkError:
+                out[r["method"]] = Method.traits()
+    return out
 
 
 def _row_name(rec):
@@ -93,7 +99,8 @@ def _base_row(record, rows):
 
 def build_table(records, methods_order=None, network=None):
     """-> (columns [(dataset, ipc)], rows OrderedDict name -> {col: summary dict with 'accs'})."""
-    cols = sorted({(r["dataset"], r["ipc"]) for r in records if _trait(r["method"], "uses_ipc")} or
+    traits = method_traits(records)
+    cols = sorted({(r["dataset"], r["ipc"]) for r in records if traits[r["method"]]["uses_ipc"]} or
                   {(r["dataset"], r["ipc"]) for r in records})
     rows = OrderedDict()
     names = sorted({_row_name(r) for r in records},
@@ -106,7 +113,7 @@ def build_table(records, methods_order=None, network=None):
             for r in records:
                 if _row_name(r) != name or r["dataset"] != col[0]:
                     continue
-                if _trait(r["method"], "uses_ipc") and r["ipc"] != col[1]:
+                if traits[r["method"]]["uses_ipc"] and r["ipc"] != col[1]:
                     continue
                 ev = r["evaluations"].get(network) if network else r["accuracy"]
                 if ev:
@@ -130,7 +137,7 @@ def build_table(records, methods_order=None, network=None):
                         cell["diff_seeds"] = len(common)
     for col in cols:  # ranks among distillation rows
         ranked = sorted((c[col]["mean"], n) for n, c in rows.items()
-                        if col in c and _trait(n.split("@")[0], "ranked"))
+                        if col in c and traits[n.split("@")[0]]["ranked"])
         ranked.reverse()
         for i, (_, n) in enumerate(ranked[:2]):
             rows[n][col]["rank"] = i + 1
@@ -153,13 +160,13 @@ def _fmt(cell, style):
     return s
 
 
-def gain_over_random(rows, cols):
+def gain_over_random(rows, cols, traits):
     """Each measured distillation row's gain over `random` in each column (what a method adds over real images,
-    DD-Ranking's point)."""
+    DD-Ranking's point). traits: method_traits(records)."""
     base = rows.get("random") or next((r for n, r in rows.items() if n.split("@")[0] == "random"), None)
     if not base:
         return []
-    shown = [n for n, r in rows.items() if _trait(n.split("@")[0], "ranked") and any(c in r for c in cols)]
+    shown = [n for n, r in rows.items() if traits[n.split("@")[0]]["ranked"] and any(c in r for c in cols)]
     if not shown:
         return []
     out = ["", "Gain over random (points): each row's mean minus random's in its column. Random's sets are evaluated "
@@ -218,7 +225,7 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
                "| " + " | ".join(["Method"] + [f"{d} IPC {i}" for d, i in ecols]) + " |", "|" + "---|" * (len(ecols) + 1)]
         for n, r in erows.items():
             md.append("| " + " | ".join([n] + [_fmt(r.get(c), "md") for c in ecols]) + " |")
-    md += gain_over_random(rows, cols)
+    md += gain_over_random(rows, cols, method_traits(records))
     md += corruption_section(records)
     prov = records[0] if records else {}
     seeds = sorted({r["seed"] for r in records})

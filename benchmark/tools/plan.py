@@ -34,15 +34,12 @@ from benchmark.data.datasets import Dataset, dataset_spec
 from benchmark.platform.errors import BenchmarkError
 from benchmark.platform.device import meta_host_reads, synchronize
 from benchmark.platform.observe import Observer
-from .smoke import shrunk
+from .smoke import LOOP_CAPS, shrunk
 from benchmark.core.method import IterativeMethod, Task
 from benchmark.core.registry import create_method
 from benchmark.data import corruptions
 from benchmark.nn.networks import get_network
 from evaluation import resolve_protocol
-
-PROBE_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 2,
-                   "feature_epochs": 1, "base_set": ("iterations=1",)}
 
 
 def shape_dataset(name, per_class=None, device="meta", gen=None):
@@ -261,11 +258,11 @@ def _time(fn, device, repeats, with_index=False):
 
 
 def calibrate_method(suite, cell, device, repeats):
-    """FLOP rates of the cell's method on `device`, per component (COMPONENTS): a shrunk run (PROBE_OVERRIDES; batch
+    """FLOP rates of the cell's method on `device`, per component (COMPONENTS): a shrunk run (LOOP_CAPS; batch
     sizes, network and image size unchanged) timed on random data of the dataset's shape, its time inside training
     loops measured apart, and its FLOPs counted on meta the same way. Returns {'train': rate or None (no training in
     the probe), 'other': rate, 'probe_s': seconds}."""
-    method = _method_for(suite, cell, shrunk(_method_for(suite, cell).config, PROBE_OVERRIDES))
+    method = _method_for(suite, cell, shrunk(_method_for(suite, cell).config, LOOP_CAPS))
     per_class = max(300, 8 * cell.ipc)
     probe = shape_dataset(cell.dataset, per_class, device, torch.Generator().manual_seed(0))
     timers = []  # one per timed run: its seconds inside training loops

@@ -8,11 +8,12 @@ from benchmark.core.registry import create_method, get_method
 from benchmark.platform.device import meta_host_reads
 from evaluation import evaluate, resolve_protocol
 
-# the loop lengths a tiny run shortens, where a method's config has them (others are left as the preset sets them)
-TINY_OVERRIDES = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 1,
-                  "feature_epochs": 1, "n_data": 64, "num_nets": 1, "solver_max_iter": 3, "batch_real": 16,
-                  "base_set": ("iterations=1",), "num_experts": 1, "syn_steps": 2,
-                  "stages": 2}
+# The loop lengths a shrunk run caps, where a method's config has them (others are left as the preset sets them):
+# `plan` calibrates on these and scales by the real counts; a tiny device-check run also shrinks the work per loop.
+LOOP_CAPS = {"iterations": 1, "inner_loop": 2, "outer_loop": 2, "max_outer_loop": 2, "condition_epochs": 2,
+             "feature_epochs": 1, "base_set": ("iterations=1",)}
+TINY_OVERRIDES = {**LOOP_CAPS, "condition_epochs": 1, "n_data": 64, "num_nets": 1, "solver_max_iter": 3,
+                  "batch_real": 16, "num_experts": 1, "syn_steps": 2, "stages": 2}
 
 
 def shrunk(config, limits):

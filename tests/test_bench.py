@@ -1,0 +1,61 @@
+"""`run.py bench` (benchmark.tools.perf): its sections run and their known answers hold (no timing is asserted)."""
+import json
+
+from helpers import cli as _cli
+
+
+def test_bench_damping_section_known_answers(digits, monkeypatch):
+    """The opt-in damping section on digits with two dampings: each whole-batch answer against itself is 1, and a
+    very large damping makes the solve the identity's (h = g_M / damping: the same ranking as TracIn-like)."""
+    from benchmark.tools import perf
+    import itertools
+    monkeypatch.setattr(perf, "DAMPINGS", (0.01, 1e6))
+    steps = perf._idc_steps
+    monkeypatch.setattr(perf, "_idc_steps", lambda s, ds: itertools.islice(steps(s, ds), 1))  # the fresh network
+    rows = perf.section_damping(perf.BenchSettings(dataset="digits", repeats=1), digits)
+    assert [(r["network"], r["damping"]) for r in rows] == [("fresh network", 0.01), ("fresh network", 1e6)]
+    for r in rows:
+        if r["damping"] == 0.01:
+            assert r["whole_vs_whole_at_0.01"] == 1.0
+        else:
+            assert r["whole_vs_identity"] > 0.999 and r["another_batch"] > 0.999
+
+
+def test_bench_quick_smoke_writes_report(tmp_path):
+    """`run.py bench --quick` end to end on digits (a smoke check: no timing is asserted). The per-sample-loop
+    baseline must agree with the O(1) influence path; the allocator probes run in subprocesses."""
+    out = _cli("bench", "--quick", "-d", "digits", "--repeats", "1", "--out", str(tmp_path),
+               "--sections", "peak,explicit,ihvp,curvature,evaluation,allocator,memory")
+    assert out.returncode == 0, out.stderr
+    res = json.load(open(tmp_path / "bench.json"))
+    sec = res["sections"]
+    ex = sec["explicit"][0]
+    assert ex["max_rel_diff_double"] < 1e-4 and ex["max_rel_diff_per_instance"] < 1e-4 and ex["speedup"] > 0
+    assert {r["allocator"] for r in sec["allocator"]} >= {"glibc default", "glibc tuned (mallopt)"}
+    assert all("error" not in r for r in sec["allocator"])
+    assert "default" in sec["allocator"][0]["mode"] and "tuned" in sec["allocator"][1]["mode"]
+    assert sec["memory"][0]["growth_after_2_mb"] < 50
+    gn = [r for r in sec["ihvp"] if r["curvature"] == "gauss-newton"]
+    assert gn and gn[0]["damping"] == 0.01  # PSD: CG never has to raise the damping
+    curv = {(r["network"], r["solver"]): r for r in sec["curvature"]}
+    assert len(curv) == 20  # (7 solvers + 2 other Hessian batches + the whole batch) x (fresh, after 200 SGD steps)
+    for phase in ("fresh network", "after 200 SGD steps"):  # known answers: the reference against itself, and the
+        assert curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_converged_gn"] == 1.0  # exact direct solve
+        assert curv[(phase, "gauss-newton, Woodbury (exact, direct)")]["spearman_vs_converged_gn"] > 0.999
+        assert curv[(phase, "identity (TracIn-like)")]["spearman_vs_identity"] == 1.0
+        whole = curv[(phase, "gauss-newton on the whole real batch (Woodbury, exact)")]
+        assert whole["spearman_vs_whole_batch_gn"] == 1.0
+        assert abs(curv[(phase, "gauss-newton, CG to 1e-6")]["spearman_vs_whole_batch_gn"]
+                   - whole["spearman_vs_converged_gn"]) < 1e-12  # the same pair, read from either side
+    md = open(tmp_path / "bench.md").read()
+    assert "IWD's explicit scores" in md and res["machine"]["commit"] in md
+    bad = _cli("bench", "--sections", "nosuch", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "unknown bench section" in bad.stderr
+
+
+def test_iteration_timing_covers_iwd_and_plain_dc(digits):
+    from benchmark.tools.perf import iteration_times
+    r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
+    assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]
+    plain = iteration_times("dc", "quick", digits, 2, "cpu", 1)  # plain DC: timed, no influence share
+    assert plain["s_per_iteration"] > 0 and plain["influence_s"] == 0 and plain["matching_steps"] == 1  # IPC 2: the

@@ -1,0 +1,68 @@
+"""The leaderboard (benchmark.report.leaderboard): formats, reported rows, comparisons with the base, traits."""
+import pytest
+
+from helpers import tiny_suite as _suite
+
+
+def test_reported_rows_are_marked_and_keep_a_missing_std_missing(tmp_path):
+    """Published numbers appear as '(reported)' rows in all three formats; IDC's Fashion-MNIST numbers come without
+    a std in its paper, and the table must not invent one."""
+    from benchmark.report.leaderboard import write_leaderboard
+    from benchmark.grid.runner import run_cell
+    suite = _suite(tmp_path, methods=["random"])
+    record = dict(run_cell(suite, suite.cells()[0], str(tmp_path / "runs"), log=False), dataset="fashion-mnist")
+    md = open(write_leaderboard([record], str(tmp_path / "out"), suite, "cmd")).read()
+    assert "| DC (reported) | 70.5 ± 0.6 |" in md and "| IDC (reported) | 81.0 |" in md
+    assert "IDC (reported) & 81.0 \\\\" in open(tmp_path / "out" / "leaderboard.tex").read()
+    assert "IDC,fashion-mnist,1,81.0,,,,,reported" in open(tmp_path / "out" / "leaderboard.csv").read()
+
+
+def test_gain_over_random_and_reported_table1_rows():
+    """The gain line subtracts random's mean in each column from every ranked row (selection rows are not listed);
+    the IWD paper's Table-1 rows we do not run are reported where their datasets appear."""
+    from benchmark.report.leaderboard import REPORTED, gain_over_random
+    cols = [("cifar10", 1), ("cifar10", 10)]
+    rows = {"random": {cols[0]: {"mean": 14.0}, cols[1]: {"mean": 26.0}},
+            "herding": {cols[0]: {"mean": 20.0}}, "dc": {cols[0]: {"mean": 28.5}}}
+    traits = {"random": {"ranked": False}, "herding": {"ranked": False}, "dc": {"ranked": True}}  # as records say
+    lines = gain_over_random(rows, cols, traits)
+    assert "| dc | +14.5 | — |" in lines and not any(line.startswith("| herding") for line in lines)
+    assert REPORTED["MTT"][("cifar10", 10)] == (65.6, 0.7) and ("svhn", 1) not in REPORTED["MTT"]
+
+
+def test_an_iwd_row_is_compared_with_its_base_over_the_seeds_both_have():
+    """A partly run suite: the base has seeds 0-2, the IWD row seed 0 only. The difference is seed 0's (not one seed
+    against three), and the table says so."""
+    from benchmark.report.leaderboard import _fmt, build_table
+
+    def rec(method, seed, accs):
+        return {"method": method, "dataset": "digits", "ipc": 1, "seed": seed, "variant": "",
+                "accuracy": {"accuracies": accs}, "evaluations": {}}
+    records = [rec("dc", 0, [0.60, 0.61]), rec("dc", 1, [0.70, 0.71]), rec("dc", 2, [0.72, 0.73]),
+               rec("iwd+dc", 0, [0.64, 0.65])]
+    _, rows = build_table(records)
+    cell = rows["iwd+dc"][("digits", 1)]
+    assert cell["diff"] == pytest.approx(4.0) and cell["diff_seeds"] == 1
+    text = _fmt(cell, "md")
+    assert "(+4.0" in text and text.endswith("on 1 common seed)")
+    records.append(rec("iwd+dc", 1, [0.70, 0.71]))
+    records.append(rec("iwd+dc", 2, [0.72, 0.73]))
+    _, rows = build_table(records)
+    assert "diff_seeds" not in rows["iwd+dc"][("digits", 1)]
+
+
+def test_the_leaderboard_reads_traits_from_the_records():
+    """A record carries its method's traits, so a table built where that method is not registered (a plugin not
+    loaded) still leaves an unranked row unranked and keeps a one-IPC method in every column."""
+    from benchmark.report.leaderboard import build_table
+
+    def rec(method, ipc, acc, traits):
+        return {"method": method, "dataset": "digits", "ipc": ipc, "seed": 0, "variant": "", "traits": traits,
+                "accuracy": {"accuracies": [acc]}, "evaluations": {}}
+    plain = {"evaluation": "dc", "ranked": True, "uses_ipc": True}
+    records = [rec("dc", 1, 0.5, plain), rec("dc", 10, 0.8, plain),
+               rec("my-upper-bound", 1, 0.97, {**plain, "ranked": False, "uses_ipc": False})]
+    cols, rows = build_table(records)
+    assert cols == [("digits", 1), ("digits", 10)]
+    assert all(c in rows["my-upper-bound"] and "rank" not in rows["my-upper-bound"][c] for c in cols)
+    assert rows["dc"][("digits", 1)]["rank"] == 1
