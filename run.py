@@ -120,14 +120,14 @@ def _check_writable(path, option):
 @click.option("--method", "-m", required=True, help="A registered method (run.py list).")
 @with_options(data_options)
 @click.option("--ipc", type=int, default=1, show_default=True, help="Synthetic images per class.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the run's networks and draws.")
 @click.option("--preset", default="reference", show_default=True, help="reference, or a reduced preset (cpu, quick).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--out", "-o", required=True, help="Where to write the synthetic set (.pt).")
 @click.option("--log-dir", default=None, help="TensorBoard log root (off by default).")
-@click.option("--checkpoint-every", type=int, default=0, help="Checkpoint every K iterations (to OUT.ckpt).")
-@click.option("--checkpoint-minutes", type=float, default=0.0,
-              help="Also checkpoint every M minutes of wall time (to OUT.ckpt).")
+@click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every K iterations (to OUT.ckpt).")
+@click.option("--checkpoint-minutes", type=float, default=10.0, show_default=True,
+              help="Checkpoint every M minutes of wall time (to OUT.ckpt; 0: off), so an interrupted run resumes.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT.ckpt if present.")
 def distill(method, dataset, data_root, download, device, ipc, seed, preset, overrides, out, log_dir,
             checkpoint_every, checkpoint_minutes, resume):
@@ -139,8 +139,7 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
     if not resume and os.path.exists(ckpt):
         os.remove(ckpt)
     task = _task(dataset, ipc, seed, device, data_root, download, log_dir, f"{dataset}-{method}-ipc{ipc}-s{seed}",
-                 ckpt if checkpoint_every or checkpoint_minutes else (ckpt if os.path.exists(ckpt) else None),
-                 checkpoint_every, checkpoint_minutes)
+                 ckpt, checkpoint_every, checkpoint_minutes)
     if m.uses_ipc:
         task.dataset.check_ipc(ipc)
     syn = m.distill(task)
@@ -152,13 +151,17 @@ def distill(method, dataset, data_root, download, device, ipc, seed, preset, ove
 @click.argument("synset")
 @with_options(data_options)
 @click.option("--protocol", "-p", default="auto", show_default=True,
-              help="dc, dsa, idc, paper, full, their -quick variants, or auto (the method's own).")
+              help="auto (the method's own), dc, dsa, idc, mtt, paper, full, or their -quick variants (run.py list). "
+                   "The full protocols train each network for up to 1000 epochs (minutes each on a CPU): for a quick "
+                   "look, --protocol auto-quick --num-eval 1.")
 @click.option("--network", "-n", default="ConvNet", show_default=True, help="Evaluation network (cross-architecture).")
 @click.option("--num-eval", type=int, default=5, show_default=True, help="Fresh networks to train.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the evaluation networks.")
 @click.option("--factor", type=int, default=None, help="IDC multi-formation factor for IDC-format files.")
 def evaluate(synset, dataset, data_root, download, device, protocol, network, num_eval, seed, factor):
-    """Train fresh networks on a synthetic set (ours, DC/DSA/DM's or IDC's format) and test them."""
+    """Train fresh networks on a synthetic set (ours, DC/DSA/DM's, IDC's or MTT's format) and test them. The
+    default (the method's full protocol, 5 networks) takes minutes to an hour on a CPU; --protocol auto-quick
+    --num-eval 1 answers in seconds to minutes."""
     from benchmark.data.datasets import get_dataset
     from benchmark.core.synthetic import SyntheticSet
     from benchmark.platform import device as devices
@@ -180,10 +183,10 @@ def evaluate(synset, dataset, data_root, download, device, protocol, network, nu
 @click.option("--method", "-m", required=True, help="Whose matching statistic defines influence (e.g. dc, dm).")
 @with_options(data_options)
 @click.option("--synset", required=True, help="The synthetic set to score the training set against.")
-@click.option("--preset", default="reference", show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--preset", default="reference", show_default=True, help="The method's preset (its networks' settings).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--num-nets", type=int, default=2, show_default=True, help="Fresh networks to average over.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the scoring networks.")
 @click.option("--out", "-o", required=True, help="CSV of index,label,score (a .pt with the tensor is written beside).")
 @click.option("--figure", default=None, help="Also draw the paper's Figure 1 (histogram + tail images) to this PNG.")
 @click.option("--figure-class", type=int, default=0, show_default=True, help="The class drawn in --figure.")
@@ -244,7 +247,8 @@ def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
 
 @cli.command("run")
 @with_options(suite_options)
-@click.option("--executor", type=click.Choice(["inline", "process", "ray"]), default="inline", show_default=True)
+@click.option("--executor", type=click.Choice(["inline", "process", "ray"]), default="inline", show_default=True,
+              help="inline: one cell after another here; process: a local pool; ray: a Ray cluster.")
 @click.option("--workers", type=int, default=None, help="Parallel cells (process pool / local Ray).")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--data-root", default=None, help="Folder with the dataset files (wins over any packaged copy).")
@@ -353,15 +357,55 @@ def status(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, r
 
 @cli.command()
 @click.option("--suite", "-s", default=None, help="Show one suite's logs (default: all under the run root).")
-@click.option("--run-root", default="runs", show_default=True)
+@click.option("--run-root", default="runs", show_default=True, help="The run root the suites ran under.")
+@click.option("--port", type=int, default=6006, show_default=True, help="TensorBoard's port.")
+@click.option("--host", default=None, help="Interface to serve on (e.g. 0.0.0.0 on a remote machine; default: "
+                                           "TensorBoard's, localhost).")
 @click.option("--start", is_flag=True, help="Start TensorBoard instead of printing the command.")
-def tensorboard(suite, run_root, start):
+def tensorboard(suite, run_root, port, host, start):
     """Print (or run) the TensorBoard command for the logs of every run."""
     logdir = os.path.join(run_root, suite, "tensorboard") if suite else run_root
-    cmd = ["tensorboard", "--logdir", logdir, "--port", "6006"]
+    cmd = ["tensorboard", "--logdir", logdir, "--port", str(port)] + (["--host", host] if host else [])
     if start:
         os.execvp(cmd[0], cmd)
     click.echo(" ".join(cmd))
+
+
+@cli.command()
+@click.option("--device", default="cpu", show_default=True, help="The device to check: cpu, cuda[:N], or meta.")
+@click.option("--methods", "pattern", default="*", show_default=True,
+              help="Which registered methods (a glob or comma list; loaded plugins included).")
+def check(device, pattern):
+    """First thing on a new machine: run every method for one tiny iteration and one evaluation epoch on DEVICE
+    (digits, IPC 2) and print, per method, ok or the one-line error, and the seconds it took. Exit code 1 if any
+    failed."""
+    import fnmatch
+    import time
+
+    from benchmark.core.registry import list_methods
+    from benchmark.data.datasets import get_dataset
+    from benchmark.platform import device as devices
+    from benchmark.tools.smoke import run_on_device
+    if device != "meta":
+        device = devices.resolve(device)
+        devices.configure(device)
+    names = [m for m in list_methods() if any(fnmatch.fnmatch(m, p) for p in pattern.split(","))]
+    if not names:
+        raise BenchmarkError(f"no registered method matches {pattern!r} (run.py list)")
+    ds, failed = get_dataset("digits"), 0
+    click.echo(f"{'method':<30} {'result':<8} {'seconds':>8}  (device {device})")
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            run_on_device(name, ds, device)
+            result, why = "ok", ""
+        except Exception as e:  # noqa: BLE001 - any failure is this method's row, not the end of the check
+            failed += 1
+            result, why = "FAILED", f"  {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        click.echo(f"{name:<30} {result:<8} {time.perf_counter() - t0:8.1f}{why}")
+    click.echo(f"{len(names) - failed} of {len(names)} methods ran on {device}")
+    if failed:
+        sys.exit(1)
 
 
 @cli.command()
@@ -369,13 +413,13 @@ def tensorboard(suite, run_root, start):
               help="quick: CPU presets and width-32 networks (a few minutes); full: adds the reference settings.")
 @click.option("-d", "--dataset", default="fashion-mnist", show_default=True,
               help="Data the workloads use (Fashion-MNIST-shaped random data when its files are missing).")
-@click.option("--data-root", default=None)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--data-root", default=None, help="Folder with the dataset files (torchvision layout).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
 @click.option("--sections", default="",
               help="Comma list of sections (default: all but warm_start, which runs only when named).")
-@click.option("--bases", default="", help="Comma list narrowing the iterations section's base methods (dc, dsa, dm, "
-                                         "idc, pdd; default: all).")
+@click.option("--bases", default="", help="Comma list narrowing the iterations section's base methods (default: "
+                                         "every method with an IWD variant).")
 @click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")
 def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
     """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,

@@ -89,7 +89,7 @@ def expert_trajectory(task, spec, k, epochs):
 @functools.lru_cache(maxsize=8)
 def _load(path, mtime_ns, size):
     """One expert file, parsed once per version (each distillation iteration reads one expert)."""
-    return safe_load(path)
+    return safe_load(path, "delete it and the run trains that expert again")
 
 
 def _load_current(path):

@@ -1,4 +1,6 @@
 """run.py as a user meets it: listing, distilling, evaluating, and one-line errors that name the fix."""
+import os
+
 import torch
 
 from helpers import cli as _cli
@@ -52,3 +54,40 @@ def test_cli_run_has_download_and_refuses_absent_cuda(tmp_path):
         return
     out = _cli("run", "--suite", "quick", "--device", "cuda", "--run-root", str(tmp_path))
     assert out.returncode == 2 and "no GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_runs_each_method_on_the_device_and_names_what_fails():
+    """`run.py check` on cpu and on meta (the GPU stand-in): a row per method; a loaded plugin with a device bug
+    is its own FAILED row with the one-line reason (the others still run) and the exit code is 1."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    for device in ("cpu", "meta"):
+        out = _cli("--plugin", "leaky_plugin", "check", "--device", device, "--methods", "random,dc,test-device-leak",
+                   env=env)
+        rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
+        assert set(rows) == {"random", "dc", "test-device-leak"}, out.stdout + out.stderr
+        assert " ok " in rows["random"] and " ok " in rows["dc"]
+        if device == "meta":
+            assert out.returncode == 1 and "FAILED" in rows["test-device-leak"] and "device" in rows["test-device-leak"]
+            assert out.stdout.splitlines()[-1] == "2 of 3 methods ran on meta"
+        else:  # nothing moves on the CPU: the bug does not show
+            assert out.returncode == 0 and " ok " in rows["test-device-leak"], out.stdout
+    bad = _cli("check", "--methods", "nosuch*")
+    assert bad.returncode == 2 and "no registered method matches" in bad.stderr
+
+
+def test_distill_checkpoints_by_time_unless_told_not_to(tmp_path, monkeypatch):
+    """A plain `distill` (no checkpoint option) saves OUT.ckpt every 10 minutes of wall time, as suite cells do,
+    so Ctrl-C after an hour loses at most ten minutes; --checkpoint-minutes 0 turns it off."""
+    from click.testing import CliRunner
+
+    import run
+    seen = []
+
+    def capture(*args):
+        seen.append(args)
+        raise SystemExit(0)
+    monkeypatch.setattr(run, "_task", capture)
+    out = str(tmp_path / "dc.pt")
+    for extra, minutes in (([], 10.0), (["--checkpoint-minutes", "0"], 0.0)):
+        CliRunner().invoke(run.cli, ["distill", "-m", "dc", "-o", out, *extra])
+        assert seen[-1][8] == out + ".ckpt" and seen[-1][10] == minutes

@@ -139,3 +139,13 @@ def test_progress_in_a_log_is_a_few_lines_not_one_per_update(digits, task_of, ca
     create_method("dc", None, TINY_DC + ["iterations=6"]).distill(task_of(digits, 1, 0, progress=True))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("dc digits ipc1: 6/6 (100%)"), lines
+
+
+def test_progress_lines_in_a_log_say_how_long_is_left(capsys):
+    """A resumed run (from iteration 2 of 10) that took 60 s for 4 iterations has 4 left: about 1.0 min."""
+    from benchmark.platform.logging import LineProgress
+    bar = LineProgress(10, "dc", initial=2, every_s=1e9)
+    bar._time, bar.t0 = (lambda: 60.0), 0.0
+    bar.update(4)
+    bar.close()
+    assert capsys.readouterr().err.strip() == "dc: 6/10 (60%)  [1.0 min, about 1.0 min left]"

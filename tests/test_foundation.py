@@ -192,14 +192,16 @@ def test_synthetic_set_round_trip_and_foreign_formats(tmp_path, digits):
 
 def test_corrupt_and_unsafe_files_give_clear_errors(tmp_path):
     p = tmp_path / "bad.pt"
-    p.write_bytes(b"not a torch file at all")
-    with pytest.raises(BenchmarkError, match="corrupt or truncated"):
+    p.write_bytes(b"not a torch file at all")  # e.g. a README passed to `evaluate`: never "delete it"
+    with pytest.raises(BenchmarkError, match="is not a torch .pt file") as e:
         SyntheticSet.load(str(p))
+    assert "delete" not in str(e.value)
     good = tmp_path / "good.pt"
     SyntheticSet(torch.randn(2, 1, 8, 8), torch.arange(2)).save(good)
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
-    with pytest.raises(BenchmarkError, match="corrupt or truncated"):
+    with pytest.raises(BenchmarkError, match="corrupt or truncated") as e:
         SyntheticSet.load(str(tmp_path / "cut.pt"))
+    assert "delete" not in str(e.value)  # a set the user brought: not ours to advise deleting
 
     class Evil:
         def __reduce__(self):

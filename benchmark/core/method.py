@@ -187,7 +187,7 @@ class Checkpoint:
         """The saved run as a dict (state moved to the task's device), or None."""
         if not self.path or not os.path.exists(self.path):
             return None
-        ck, m, task = safe_load(self.path), self.method, self.task
+        ck, m, task = safe_load(self.path, "delete it to start the run afresh"), self.method, self.task
         if ck.get("method") != m.name or ck.get("ipc") != task.ipc or ck.get("seed") != task.seed:
             raise BenchmarkError(f"checkpoint {self.path} belongs to another run ({ck.get('method')}, ipc "
                                  f"{ck.get('ipc')}, seed {ck.get('seed')}); delete it or choose another --checkpoint "

@@ -178,10 +178,16 @@ def _numpy_data_globals():
     return [core.multiarray.scalar, np.dtype, *dtypes]
 
 
-def safe_load(path):
-    """torch.load with weights_only=True (numpy scalars allowed as data) and errors that name the problem."""
+def safe_load(path, remedy="re-save it from where it was made"):
+    """torch.load with weights_only=True (numpy scalars allowed as data) and errors that name the problem. `remedy`:
+    what to do with a damaged file (only the files this program writes, checkpoints, may say "delete it")."""
     if not os.path.exists(path):
         raise BenchmarkError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
+        raise BenchmarkError(f"{path} is not a torch .pt file (a synthetic set, checkpoint or tensor file): "
+                             f"check the path")
     try:
         with torch.serialization.safe_globals(_numpy_data_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -194,8 +200,7 @@ def safe_load(path):
                 f"Re-save it from its source as plain tensors, lists and dicts.") from None
         reason = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln
                        and "Weights only" not in ln), type(e).__name__)
-        raise BenchmarkError(f"{path} is corrupt or truncated and cannot be read ({reason[:160]}); delete it and "
-                             f"recompute it.") from None
+        raise BenchmarkError(f"{path} is corrupt or truncated and cannot be read ({reason[:160]}); {remedy}.") from None
 
 
 # what makes a result: a change elsewhere (README, results/ tables a run itself rewrites) does not make it "dirty"

@@ -35,7 +35,7 @@ class LineProgress:
     def __init__(self, total, desc, initial=0, every_s=60.0):
         import sys
         import time
-        self.total, self.desc, self.n, self.every_s = total, desc, initial, every_s
+        self.total, self.desc, self.n, self.initial, self.every_s = total, desc, initial, initial, every_s
         self.postfix, self.t0, self._time, self._out = "", time.perf_counter(), time.perf_counter, sys.stderr
         self._last = self.t0
 
@@ -49,8 +49,11 @@ class LineProgress:
 
     def _emit(self):
         self._last = self._time()
+        elapsed, done = self._last - self.t0, self.n - self.initial  # this segment's pace (a resumed run's too)
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {self.n}/{self.total}{pct} {self.postfix} [{(self._last - self.t0) / 60:.1f} min]",
+        eta = f", about {(self.total - self.n) * elapsed / done / 60:.1f} min left" \
+            if self.total and done > 0 and self.n < self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total}{pct} {self.postfix} [{elapsed / 60:.1f} min{eta}]",
               file=self._out, flush=True)
 
     def close(self):
@@ -58,7 +61,7 @@ class LineProgress:
 
 
 def progress_bar(total, desc, initial=0, leave=False):
-    """A tqdm bar on a terminal; periodic one-line progress when stderr is a log file."""
+    """A tqdm bar on a terminal (its ETA after '<'); periodic one-line progress with an ETA when stderr is a log."""
     import sys
     if sys.stderr.isatty():
         from tqdm import tqdm
