@@ -14,7 +14,7 @@ def test_reported_rows_are_marked_and_keep_a_missing_std_missing(tmp_path):
     md = open(write_leaderboard([record], str(tmp_path / "out"), suite, "cmd")).read()
     assert "| DC (reported) | 70.5 ± 0.6 |" in md and "| IDC (reported) | 81.0 |" in md
     assert "IDC (reported) & 81.0 \\\\" in open(tmp_path / "out" / "leaderboard.tex").read()
-    assert "IDC,fashion-mnist,1,81.0,,,,,reported" in open(tmp_path / "out" / "leaderboard.csv").read()
+    assert "IDC,fashion-mnist,1,81.0,,,,,reported,," in open(tmp_path / "out" / "leaderboard.csv").read()
 
 
 def test_gain_over_random_and_reported_table1_rows():
@@ -66,3 +66,31 @@ def test_the_leaderboard_reads_traits_from_the_records():
     assert cols == [("digits", 1), ("digits", 10)]
     assert all(c in rows["my-upper-bound"] and "rank" not in rows["my-upper-bound"][c] for c in cols)
     assert rows["dc"][("digits", 1)]["rank"] == 1
+
+
+def test_cells_name_their_commits_and_dirty_ones_are_marked(tmp_path):
+    """A cell with a record from a tree with uncommitted changes is marked † in the table, the csv names every
+    cell's commits, and the footer says whether it was rechecked at a clean commit (results/<suite>/recheck.md)."""
+    import csv
+    import types
+
+    from benchmark.report.leaderboard import write_leaderboard
+
+    def rec(method, seed, commit):
+        return {"method": method, "dataset": "digits", "ipc": 1, "seed": seed, "variant": "", "commit": commit,
+                "accuracy": {"accuracies": [0.5], "num_eval": 1, "protocol": {"name": "dc"}, "network": "ConvNet"},
+                "evaluations": {}}
+    suite = types.SimpleNamespace(name="t", description="", reduced=True, preset="quick")
+    records = [rec("dc", 0, "abc1234"), rec("dm", 0, "abc1234"), rec("dm", 1, "def5678+dirty")]
+    for recheck in (False, True):
+        if recheck:
+            (tmp_path / "recheck.md").write_text("rechecked")
+        md = open(write_leaderboard(records, str(tmp_path), suite, "cmd")).read()
+        lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| d")}
+        assert lines["dm"].endswith(" † |") and "†" not in lines["dc"]
+        assert ("rechecked at a clean commit: [recheck.md](recheck.md)" in md) == recheck
+        assert ("not rechecked" in md) != recheck
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "leaderboard.csv"))}
+    assert rows["dm"]["commits"] == "abc1234 def5678+dirty" and rows["dm"]["dirty"] == "yes"
+    assert rows["dc"]["commits"] == "abc1234" and rows["dc"]["dirty"] == "no"
+

@@ -183,13 +183,58 @@ def tracked_influence_figures(records, sets_dir, dataset_of, out_dir, cls=0):
                                        title=f"{ds.name}, {what}: synthetic | real, low -> high")]
 
 
+def cost_figure(records, out_path, network):
+    """Accuracy against distillation cost, one panel per (dataset, IPC) column: each row (method@variant) a point
+    at its mean distillation time (wall seconds, log scale) and mean accuracy on `network` over its records; an
+    IWD row is joined to its base row (same variant) by a line. Rows without a distillation (random, full) sit at
+    their recorded time (seconds). Returns the path, or None when no record has a time."""
+    plt = _plt()
+    from matplotlib import ticker
+    name = lambda r: r["method"] + (f"@{r['variant']}" if r.get("variant") else "")  # noqa: E731
+    cols = sorted({(r["dataset"], r["ipc"]) for r in records if r.get("distill_seconds") is not None})
+    if not cols:
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), squeeze=False)
+    for ax, (dataset, ipc) in zip(axes[0], cols):
+        points = {}
+        for n in sorted({name(r) for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)}):
+            recs = [r for r in records if name(r) == n and (r["dataset"], r["ipc"]) == (dataset, ipc)]
+            accs = _accuracies(recs, network)
+            if accs:
+                points[n] = (max(sum(r["distill_seconds"] for r in recs) / len(recs), 0.1), sum(accs) / len(accs))
+        for n, (x, y) in points.items():
+            iwd = n.startswith("iwd+")
+            ax.scatter([x], [y], color="#c44e52" if iwd else "#4c72b0", zorder=3)
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
+            if iwd:  # its base in the same variant, else the base's row in another (a suite runs it once)
+                base = n[len("iwd+"):]
+                base = next((b for b in [base, base.split("@")[0]] + sorted(points)
+                             if b in points and b.split("@")[0] == base.split("@")[0]), None)
+                if base:
+                    ax.plot([points[base][0], x], [points[base][1], y], color="#c44e52", lw=1, alpha=0.6, zorder=2)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("distillation time per cell (s, log scale; as recorded; 0.1 s: none)")
+        ax.set_ylabel(f"accuracy on {network} (%)")
+        ax.set_title(f"{dataset}, IPC {ipc}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy against distillation cost (red: IWD variants, joined to their base)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
 def suite_figures(records, out_dir, eval_networks, sets_dir=None, dataset_of=None):
-    """The figures a suite's records support, drawn next to its leaderboard: Figure 4a for every base whose IWD
+    """The figures a suite's records support, drawn next to its leaderboard: accuracy against distillation cost,
+    Figure 4a for every base whose IWD
     variant ran at more than one tau, Figure 4b when there are several evaluation networks, and Figures 1 and 5
     from the tracked influence of an IWD cell's set (when sets_dir and dataset_of are given)."""
     made = []
     if sets_dir and dataset_of:
         made += tracked_influence_figures(records, sets_dir, dataset_of, out_dir)
+    cost = cost_figure(records, os.path.join(out_dir, "figures", "accuracy_vs_cost.png"), eval_networks[0])
+    made += [cost] if cost else []
     bases = sorted({r["method"][4:] for r in records if r["method"].startswith("iwd+")})
     for base in bases:
         taus = {float(r["config"]["tau"]) for r in records if r["method"] == "iwd+" + base}

@@ -109,7 +109,7 @@ def build_table(records, methods_order=None, network=None):
     for name in names:
         rows[name] = {}
         for col in cols:
-            accs, by_seed = [], {}
+            accs, by_seed, commits = [], {}, set()
             for r in records:
                 if _row_name(r) != name or r["dataset"] != col[0]:
                     continue
@@ -119,8 +119,9 @@ def build_table(records, methods_order=None, network=None):
                 if ev:
                     accs += [100 * a for a in ev["accuracies"]]
                     by_seed.setdefault(r["seed"], []).extend(100 * a for a in ev["accuracies"])
+                    commits.add(str(r.get("commit", "?")))
             if accs:
-                rows[name][col] = {**summarize(accs), "accs": accs, "by_seed": by_seed}
+                rows[name][col] = {**summarize(accs), "accs": accs, "by_seed": by_seed, "commits": sorted(commits)}
     bases = {_row_name(r): _base_row(r, rows) for r in records}
     for name in rows:  # IWD and prune-then-distill rows: difference from their base method's row, significance
         base = bases.get(name)
@@ -157,7 +158,14 @@ def _fmt(cell, style):
         on = f" on {cell['diff_seeds']} common seed{'s' if cell['diff_seeds'] > 1 else ''}" \
             if cell.get("diff_seeds") else ""
         s += f" ({cell['diff']:+.1f}{star}{on})"
+    if _dirty(cell):
+        s += "$^\\dagger$" if style == "tex" else " †"
     return s
+
+
+def _dirty(cell):
+    """Whether a record of the cell was made from a tree with uncommitted changes."""
+    return any(c.endswith("+dirty") for c in cell.get("commits", ()))
 
 
 def gain_over_random(rows, cols, traits):
@@ -251,6 +259,12 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
         f"- command: `{command}`",
     ]
+    if any(_dirty(c) for r in rows.values() for c in r.values()):
+        recheck = os.path.exists(os.path.join(out_dir, "recheck.md"))
+        footer.append("- † a record of the cell was made from a tree with uncommitted changes (its commit ends in "
+                      "+dirty; leaderboard.csv names each cell's commits)" +
+                      ("; rechecked at a clean commit: [recheck.md](recheck.md)" if recheck else
+                       "; not rechecked at a clean commit"))
     for f in figures:
         footer.append(f"- figure: [{os.path.basename(f)}](figures/{os.path.basename(f)})")
     md_path = os.path.join(out_dir, "leaderboard.md")
@@ -258,17 +272,19 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         fh.write(f"# Leaderboard: {suite.name}\n\n{suite.description.strip()}\n\n" + "\n".join(md + footer) + "\n")
     with open(os.path.join(out_dir, "leaderboard.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "dataset", "ipc", "mean", "std", "n", "diff_vs_base", "p_value", "source"])
+        w.writerow(["method", "dataset", "ipc", "mean", "std", "n", "diff_vs_base", "p_value", "source", "commits",
+                    "dirty"])
         for n, r in rows.items():
             for c in cols:
                 if c in r:
                     w.writerow([n, c[0], c[1], f"{r[c]['mean']:.3f}", f"{r[c]['std']:.3f}", r[c]["n"],
                                 f"{r[c].get('diff', float('nan')):.3f}", f"{r[c].get('p', float('nan')):.4g}",
-                                "measured"])
+                                "measured", " ".join(r[c]["commits"]), "yes" if _dirty(r[c]) else "no"])
         for n, r in reported.items():
             for c in cols:
                 if c in r:
-                    w.writerow([n, c[0], c[1], r[c][0], "" if r[c][1] is None else r[c][1], "", "", "", "reported"])
+                    w.writerow([n, c[0], c[1], r[c][0], "" if r[c][1] is None else r[c][1], "", "", "", "reported",
+                                "", ""])
     tex = ["\\begin{tabular}{l" + "c" * len(cols) + "}", "\\toprule",
            " & ".join(["Method"] + [f"{d} {i}" for d, i in cols]) + " \\\\", "\\midrule"]
     for n, r in rows.items():
