@@ -303,7 +303,8 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
     """Write results/<suite>/leaderboard.{md,csv,tex} from the finished cells."""
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     # the footer names the command that produced the numbers, not this one
-    path = _write_table(s, run_root, results_root, COMMAND.replace("run.py table", "run.py run", 1))
+    args = [("run" if a == "table" else a) for a in sys.argv[1:]]  # (after any global option such as --threads)
+    path = _write_table(s, run_root, results_root, "python run.py " + " ".join(shlex.quote(a) for a in args))
     if not path:
         raise BenchmarkError(f"no finished cells for suite {s.name!r} under {run_root}; run: python run.py run "
                              f"--suite {s.name}")

@@ -163,6 +163,11 @@ def _fmt(cell, style):
     return s
 
 
+def _date_range(records):
+    days = sorted({str(r.get("date", "?"))[:10] for r in records}) or ["?"]
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def _dirty(cell):
     """Whether a record of the cell was made from a tree with uncommitted changes."""
     return any(c.endswith("+dirty") for c in cell.get("commits", ()))
@@ -255,7 +260,7 @@ def write_leaderboard(records, out_dir, suite, command, methods_order=None, figu
         f"- commit(s) {', '.join(sorted({str(r.get('commit', '?')) for r in records}))}; torch {prov.get('torch', '?')}; "
         f"hardware {', '.join(sorted({str(r.get('hardware', '?')) for r in records}) or ['?'])}, "
         f"{'/'.join(sorted({str(r.get('threads', '?')) for r in records})) or '?'} torch threads",
-        f"- date: {utc_now()[:10]}"
+        f"- date: cells finished {_date_range(records)}; table written {utc_now()[:10]}"
         + (f"; wall time of the cells: {wall_seconds / 60:.1f} min" if wall_seconds else ""),
         f"- command: `{command}`",
     ]
