@@ -44,7 +44,7 @@ class Main(click.Group):
 
 @click.group(cls=Main)
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-@click.option("--plugin", multiple=True, help="Import a module that registers your own methods (repeatable).")
+@click.option("--plugin", multiple=True, default=(), help="Import a module that registers your own methods (repeatable).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 def cli(debug, plugin, threads):
     """Dataset-distillation benchmark with Influence-Weighted Distillation (IWD)."""
@@ -122,7 +122,8 @@ def _check_writable(path, option):
 @click.option("--ipc", type=int, default=1, show_default=True, help="Synthetic images per class.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the run's networks and draws.")
 @click.option("--preset", default="reference", show_default=True, help="reference, or a reduced preset (cpu, quick).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--set", "overrides", multiple=True, default=(), metavar="KEY=VALUE",
+              help="Override a config key (repeatable).")
 @click.option("--out", "-o", required=True, help="Where to write the synthetic set (.pt).")
 @click.option("--log-dir", default=None, help="TensorBoard log root (off by default).")
 @click.option("--checkpoint-every", type=int, default=0, help="Also checkpoint every K iterations (to OUT.ckpt).")
@@ -184,7 +185,8 @@ def evaluate(synset, dataset, data_root, download, device, protocol, network, nu
 @with_options(data_options)
 @click.option("--synset", required=True, help="The synthetic set to score the training set against.")
 @click.option("--preset", default="reference", show_default=True, help="The method's preset (its networks' settings).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--set", "overrides", multiple=True, default=(), metavar="KEY=VALUE",
+              help="Override a config key (repeatable).")
 @click.option("--num-nets", type=int, default=2, show_default=True, help="Fresh networks to average over.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the scoring networks.")
 @click.option("--out", "-o", required=True, help="CSV of index,label,score (a .pt with the tensor is written beside).")
@@ -417,9 +419,9 @@ def check(device, pattern):
 @click.option("--data-root", default=None, help="Folder with the dataset files (torchvision layout).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
-@click.option("--sections", default="",
-              help="Comma list of sections (default: all but warm_start, which runs only when named).")
-@click.option("--bases", default="", help="Comma list narrowing the iterations section's base methods (default: "
+@click.option("--sections", default=None,
+              help="Comma list of sections (default: all but warm_start and damping, which run only when named).")
+@click.option("--bases", default=None, help="Comma list narrowing the iterations section's base methods (default: "
                                          "every method with an IWD variant).")
 @click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")
 def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
@@ -427,7 +429,8 @@ def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
     evaluation, allocator, DC vs a plain loop) and write OUT/bench.md + bench.json."""
     from benchmark.tools.perf import BenchSettings, run_bench, write_report
     s = BenchSettings(quick=quick, dataset=dataset, repeats=repeats, device=device, data_root=data_root,
-                      sections=tuple(x for x in sections.split(",") if x), bases=tuple(x for x in bases.split(",") if x))
+                      sections=tuple(x for x in (sections or "").split(",") if x),
+                      bases=tuple(x for x in (bases or "").split(",") if x))
     res = run_bench(s, progress=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {write_report(res, out, COMMAND)}")
 

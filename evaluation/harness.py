@@ -2,7 +2,7 @@
 whole test split, report the FINAL-epoch accuracy (never the best over checkpoints), mean and std over N, and the
 full protocol with the numbers.
 
-Protocols (protocols.md):
+Protocols (docs/reference-settings.md):
   dc     SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, lr x0.1 from epoch E//2+1, 300 epochs, no augmentation
   dsa    the same with DSA and 1000 epochs (DSA, DM, and DC on MNIST in the references)
   idc    1000 epochs, batch 64, lr 0.01, x0.2 at 2/3 and 5/6 of training, DSA + CutMix (p 0.5)

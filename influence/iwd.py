@@ -42,8 +42,8 @@ class IWDOptions:
     trim_bottom: float = 0.0      # ... and of its lowest-scored ones; uniform weights on the rest
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
     track_beta: float = 0.9       # EMA factor of the per-instance score tracking
-    per_instance: bool = True     # per-instance gradients from one pass where the network allows (benchmark.
-                                  # per_instance): explicit scores with no double backward, the real statistic reused,
+    per_instance: bool = True     # per-instance gradients from one pass where the network allows
+                                  # (influence.per_instance): explicit scores with no double backward, the real statistic reused,
                                   # the implicit term's products as matrix products. False: autograd's double
                                   # backward everywhere (the pre-#18 path; same scores to rounding)
     solve_every: int = 1          # the implicit term's iHVP h = (H + damping I)^{-1} g_M is solved on every k-th

@@ -1,7 +1,7 @@
 """Datasets held as normalised tensors in memory, with a per-class index.
 
 Distillation samples per class constantly, so every dataset is loaded once into a `Dataset`: float32 tensors
-(N, C, H, W) in normalised space (mean/std from protocols.md), int64 labels, and `class_indices[c]`, the training
+(N, C, H, W) in normalised space (the references' mean/std: docs/reference-settings.md), int64 labels, and `class_indices[c]`, the training
 indices of class c. Readers parse the original on-disk formats directly (IDX for MNIST/Fashion-MNIST, the pickled
 batches for CIFAR, the .mat files for SVHN); torchvision is used only to download, when asked with download=True.
 

@@ -1,4 +1,4 @@
-"""The CPU memory-allocator fast path (ENVIRONMENT.md: glibc's default costs up to ~2x on large activation buffers).
+"""The CPU memory-allocator fast path (glibc's default costs up to ~2x on large activation buffers).
 
 `run.py`, run as a program, first calls `use_tcmalloc()`: where tcmalloc is installed (Debian:
 libtcmalloc-minimal4) and not yet preloaded, it re-executes the same command with LD_PRELOAD set to it, the fastest

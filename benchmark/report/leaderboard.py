@@ -16,7 +16,7 @@ from benchmark.core.method import Method
 from benchmark.core.registry import get_method
 from benchmark.platform.errors import BenchmarkError
 
-# Published numbers (ConvNet-3), from protocols.md and the IWD paper's Table 1: (dataset, ipc) -> (mean, std)
+# Published numbers (ConvNet-3), from the papers (docs/reference-settings.md) and the IWD paper's Table 1: (dataset, ipc) -> (mean, std)
 def _table1(cifar10=(), cifar100=(), svhn=()):
     """A row of the IWD paper's Table 1: (mean, std) per IPC 1, 10, 50 for each dataset (None where not given)."""
     return {(d, ipc): v for d, vals in (("cifar10", cifar10), ("cifar100", cifar100), ("svhn", svhn))

@@ -1,0 +1,40 @@
+"""The documentation site: it builds strictly (a broken link, a missing anchor or a page left out of the navigation
+fails), every run.py command is in its CLI reference, and its generated parts come from the code and results/."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_every_command_is_in_the_cli_reference(site):
+    import run
+    html = open(site / "cli" / "index.html", encoding="utf-8").read()
+    missing = [name for name in run.cli.commands if f'id="python-runpy-{name}"' not in html]
+    assert not missing and len(run.cli.commands) >= 11, missing
+
+
+def test_generated_pages_follow_the_code_and_the_results(site):
+    """A method page's config table is the Config dataclass (DC's 1000 iterations, the cpu preset's 200); the
+    solver table is the registry; every results folder has its page with its figures."""
+    from benchmark.report.site import result_folders
+    from influence.solvers import SOLVERS
+    dc = open(site / "methods" / "dc" / "index.html", encoding="utf-8").read()
+    assert "<code>iterations</code></td>\n<td><code>1000</code></td>" in dc and "<code>200</code>" in dc
+    iwd = open(site / "iwd" / "index.html", encoding="utf-8").read()
+    assert all(f"<code>{name}</code>" in iwd for name in SOLVERS)
+    for folder in result_folders(os.path.join(ROOT, "results")):
+        page = site / "results" / (folder if folder != "." else "bench") / "index.html"
+        assert page.exists(), folder
+    assert (site / "results" / "quick" / "figures" / "accuracy_vs_cost.png").exists()
