@@ -102,10 +102,13 @@ def _field_notes(config_cls):
             continue
         key = None
         for line in lines:
-            field = re.match(r"^\s+(\w+): [^#]*#\s*(.+)$", line)
+            field = re.match(r"^\s+(\w+): [^#]*(?:#\s*(.+))?$", line)
             more = re.match(r"^\s+#\s*(.+)$", line)
-            if field:
+            if field and field.group(2):
                 key, notes[field.group(1)] = field.group(1), field.group(2).strip()
+            elif field:  # redeclared without a comment (a subclass's own default): the base's note is not its own
+                key = None
+                notes.pop(field.group(1), None)
             elif more and key:
                 notes[key] += " " + more.group(1).strip()
             else:
