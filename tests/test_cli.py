@@ -91,3 +91,13 @@ def test_distill_checkpoints_by_time_unless_told_not_to(tmp_path, monkeypatch):
     for extra, minutes in (([], 10.0), (["--checkpoint-minutes", "0"], 0.0)):
         CliRunner().invoke(run.cli, ["distill", "-m", "dc", "-o", out, *extra])
         assert seen[-1][8] == out + ".ckpt" and seen[-1][10] == minutes
+
+
+def test_every_option_says_what_it_does():
+    """Every option of every command has help text (the CLI reference and --help show it)."""
+    import click
+
+    import run
+    bare = [f"{name} --{p.name}" for name, cmd in [("run.py", run.cli), *run.cli.commands.items()]
+            for p in cmd.params if isinstance(p, click.Option) and not p.help]
+    assert not bare, bare
