@@ -43,7 +43,8 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     from benchmark.grid.runner import RunPaths
     figs = suite_figures(recs, str(tmp_path / "results"), suite.eval_networks, RunPaths(runs, "tiny").sets,
                          get_dataset)
-    assert sorted(os.path.basename(f) for f in figs) == ["tracked_influence_iwd-dc_ipc1_class0.png",
+    assert sorted(os.path.basename(f) for f in figs) == ["accuracy_vs_cost.png",
+                                                         "tracked_influence_iwd-dc_ipc1_class0.png",
                                                          "tracked_sorted_by_influence_iwd-dc_ipc1.png"]
     for f in figs:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
