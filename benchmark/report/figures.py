@@ -3,6 +3,7 @@ import os
 
 import torch
 from benchmark.core.synthetic import SyntheticSet
+from .leaderboard import base_row, row_name
 
 
 def _plt():
@@ -190,28 +191,25 @@ def cost_figure(records, out_path, network):
     their recorded time (seconds). Returns the path, or None when no record has a time."""
     plt = _plt()
     from matplotlib import ticker
-    name = lambda r: r["method"] + (f"@{r['variant']}" if r.get("variant") else "")  # noqa: E731
     cols = sorted({(r["dataset"], r["ipc"]) for r in records if r.get("distill_seconds") is not None})
     if not cols:
         return None
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), squeeze=False)
     for ax, (dataset, ipc) in zip(axes[0], cols):
-        points = {}
-        for n in sorted({name(r) for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)}):
-            recs = [r for r in records if name(r) == n and (r["dataset"], r["ipc"]) == (dataset, ipc)]
+        points, first = {}, {}
+        for n in sorted({row_name(r) for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)}):
+            recs = [r for r in records if row_name(r) == n and (r["dataset"], r["ipc"]) == (dataset, ipc)]
             accs = _accuracies(recs, network)
             if accs:
+                first[n] = recs[0]
                 points[n] = (max(sum(r["distill_seconds"] for r in recs) / len(recs), 0.1), sum(accs) / len(accs))
         for n, (x, y) in points.items():
             iwd = n.startswith("iwd+")
             ax.scatter([x], [y], color="#c44e52" if iwd else "#4c72b0", zorder=3)
             ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
-            if iwd:  # its base in the same variant, else the base's row in another (a suite runs it once)
-                base = n[len("iwd+"):]
-                base = next((b for b in [base, base.split("@")[0]] + sorted(points)
-                             if b in points and b.split("@")[0] == base.split("@")[0]), None)
-                if base:
-                    ax.plot([points[base][0], x], [points[base][1], y], color="#c44e52", lw=1, alpha=0.6, zorder=2)
+            base = base_row(first[n], points) if iwd else None  # the leaderboard's own comparison
+            if base:
+                ax.plot([points[base][0], x], [points[base][1], y], color="#c44e52", lw=1, alpha=0.6, zorder=2)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))

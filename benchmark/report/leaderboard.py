@@ -79,11 +79,11 @@ def method_traits(records):
     return out
 
 
-def _row_name(rec):
+def row_name(rec):
     return rec["method"] + (f"@{rec['variant']}" if rec.get("variant") else "")
 
 
-def _base_row(record, rows):
+def base_row(record, rows):
     """The row an IWD (iwd+X) or base-running (config key `base`) record is compared with: X's row in the same
     variant, else X's row in another variant (a suite that runs the base once, in one variant), else none."""
     m, variant = record["method"], record.get("variant")
@@ -92,7 +92,7 @@ def _base_row(record, rows):
         return None
     for cand in ([f"{base}@{variant}"] if variant else []) + [base] + sorted(r for r in rows
                                                                            if r.split("@")[0] == base):
-        if cand in rows and cand != _row_name(record):
+        if cand in rows and cand != row_name(record):
             return cand
     return None
 
@@ -103,7 +103,7 @@ def build_table(records, methods_order=None, network=None):
     cols = sorted({(r["dataset"], r["ipc"]) for r in records if traits[r["method"]]["uses_ipc"]} or
                   {(r["dataset"], r["ipc"]) for r in records})
     rows = OrderedDict()
-    names = sorted({_row_name(r) for r in records},
+    names = sorted({row_name(r) for r in records},
                    key=lambda n: (methods_order.index(n.split("@")[0]) if methods_order and n.split("@")[0]
                                   in methods_order else 999, n))
     for name in names:
@@ -111,7 +111,7 @@ def build_table(records, methods_order=None, network=None):
         for col in cols:
             accs, by_seed, commits = [], {}, set()
             for r in records:
-                if _row_name(r) != name or r["dataset"] != col[0]:
+                if row_name(r) != name or r["dataset"] != col[0]:
                     continue
                 if traits[r["method"]]["uses_ipc"] and r["ipc"] != col[1]:
                     continue
@@ -122,7 +122,7 @@ def build_table(records, methods_order=None, network=None):
                     commits.add(str(r.get("commit", "?")))
             if accs:
                 rows[name][col] = {**summarize(accs), "accs": accs, "by_seed": by_seed, "commits": sorted(commits)}
-    bases = {_row_name(r): _base_row(r, rows) for r in records}
+    bases = {row_name(r): base_row(r, rows) for r in records}
     for name in rows:  # IWD and prune-then-distill rows: difference from their base method's row, significance
         base = bases.get(name)
         if base:
@@ -211,7 +211,7 @@ def corruption_section(records):
     for r in sorted(recs, key=lambda r: (r["method"], r["dataset"], r["ipc"], r["seed"])):
         z = (f"{r['corruption_auc_z_class_mean']:.3f} ± {r['corruption_auc_z_class_std']:.3f}"
              if r.get("corruption_auc_z_class_mean") is not None else "—")
-        out.append(f"| {_row_name(r)} | {r['dataset']} | {r['ipc']} | {r['seed']} | {r['corruption_auc']:.3f} | {z} | "
+        out.append(f"| {row_name(r)} | {r['dataset']} | {r['ipc']} | {r['seed']} | {r['corruption_auc']:.3f} | {z} | "
                    f"{num(r, 'corruption_weight_corrupted')} | {num(r, 'corruption_weight_clean')} | "
                    f"{r['corruption_scored']} ({r['corruption_scored_corrupted']}) |")
     return out

@@ -173,11 +173,11 @@ def section_iterations(s, ds):
     settings = [("cpu preset, IPC 10", "cpu", 10)]
     if not s.quick:
         settings.insert(0, ("reference, IPC 1", None, 1))
-    rows = []
+    rows, known = [], iwd_bases()
     for label, preset, ipc in settings:
-        for base in s.bases or iwd_bases():
-            if base not in iwd_bases():
-                raise BenchmarkError(f"{base!r} has no IWD variant to time ({', '.join(iwd_bases())})")
+        for base in s.bases or known:
+            if base not in known:
+                raise BenchmarkError(f"{base!r} has no IWD variant to time ({', '.join(known)})")
             cls = get_method(base)
             # inner training on real data (IDC, PDD): an iteration is 100 matching steps with network training
             # between (minutes on a CPU), so the bench caps them and reports seconds per matching step
