@@ -43,9 +43,9 @@ class IWDOptions:
     implicit: str = "auto"        # auto: implicit term iff the inner training uses real data; on; off
     track_beta: float = 0.9       # EMA factor of the per-instance score tracking
     per_instance: bool = True     # per-instance gradients from one pass where the network allows
-                                  # (influence.per_instance): explicit scores with no double backward, the real statistic reused,
-                                  # the implicit term's products as matrix products. False: autograd's double
-                                  # backward everywhere (the pre-#18 path; same scores to rounding)
+                                  # (influence.per_instance): explicit scores with no double backward, the real
+                                  # statistic reused, the implicit term's products as matrix products. False:
+                                  # autograd's double backward everywhere (the pre-#18 path; same scores to rounding)
     solve_every: int = 1          # the implicit term's iHVP h = (H + damping I)^{-1} g_M is solved on every k-th
                                   # matching step of an iteration and held in between (the network moves a few SGD
                                   # steps per matching step); held steps still score every instance (explicit term +

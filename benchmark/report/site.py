@@ -42,7 +42,8 @@ def results_page(results_root, folder):
     """(markdown, [(uri relative to the page, absolute path)]) of one results folder's page."""
     path = os.path.join(results_root, folder)
     names = sorted(os.listdir(path))
-    reports = sorted((f for f in names if f.endswith(".md")), key=lambda f: (f != "README.md", f != "leaderboard.md", f))
+    reports = sorted((f for f in names if f.endswith(".md")),
+                     key=lambda f: (f != "README.md", f != "leaderboard.md", f))
     anchors = {f: os.path.splitext(f)[0].lower() for f in reports}
     title = "results/" + ("" if folder == "." else folder)
     body = [f"# {title}", "", f"Generated from `{title}` by `benchmark/report/site.py`: rerun its command (in each "

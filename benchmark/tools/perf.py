@@ -190,10 +190,12 @@ def section_iterations(s, ds):
                    "iwd_ratio": r1["s_per_iteration"] / r0["s_per_iteration"],
                    "influence_share": r1["influence_s"] / r1["s_per_iteration"],
                    "note": f"inner_loop={over['inner_loop']} (cap)" if "inner_loop" in over else ""}
-            if issubclass(cls, GradientMatching):  # per-instance gradients (influence.per_instance); the baseline: autograd's double backward, no per-instance gradients
+            if issubclass(cls, GradientMatching):  # IWD's per-instance path against its baseline: autograd's
+                # double backward, no per-instance gradients (influence.per_instance)
                 rb = iteration_times("iwd+" + base, preset, ds, ipc, s.device, s.n, {**over, "per_instance": False})
                 row["iwd_double_backward_ratio"] = rb["s_per_iteration"] / r0["s_per_iteration"]
-            if cls.inner_data == "real":  # the implicit term: the default (solver auto: Woodbury where it fits) against the exact Hessian
+            if cls.inner_data == "real":  # the implicit term: the default (solver auto: Woodbury where it
+                # fits) against the exact Hessian
                 # with CG, GN with 20 CG iterations, and the explicit term alone (implicit=off, the cheap option)
                 for key, extra in (("iwd_hessian_ratio", {"curvature": "hessian", "solver": "cg"}),
                                    ("iwd_cg_ratio", {"solver": "cg"}), ("iwd_explicit_only_ratio", {"implicit": "off"})):
