@@ -1,0 +1,63 @@
+"""Two rows of a suite side by side, as a study's verdict quotes them: per seed each row's accuracy (mean over its
+evaluation networks) and distillation time, the per-seed difference and time ratio; then, over the seeds both rows
+have, the difference of the pooled accuracies with a two-sided Welch t-test and the ratio of total distillation
+times. A row is a leaderboard row name: `method` or `method@variant`."""
+from collections import defaultdict
+
+import numpy as np
+
+from evaluation.stats import welch_test
+
+from benchmark.platform.errors import BenchmarkError
+from benchmark.report.leaderboard import row_name
+
+
+def compare_rows(records, a, b):
+    """-> one dict per (dataset, ipc) both rows have: `seeds` [(seed, {row: (accuracies %, distill s)})], `diff`
+    and `p` (Welch over the pooled accuracies of the common seeds), `ratio` (total distillation time a / b)."""
+    cells = defaultdict(dict)  # (dataset, ipc) -> {(row, seed): (accs, seconds)}
+    for r in records:
+        if row_name(r) in (a, b) and r.get("accuracy"):
+            cells[(r["dataset"], r["ipc"])][(row_name(r), r["seed"])] = (
+                [100 * x for x in r["accuracy"]["accuracies"]], r["distill_seconds"])
+    missing = [row for row in (a, b) if not any(row == k[0] for c in cells.values() for k in c)]
+    if missing:
+        rows = sorted({row_name(r) for r in records})
+        raise BenchmarkError(f"no finished cell of row {missing[0]!r}; rows with finished cells: {', '.join(rows)}")
+    out = []
+    for (dataset, ipc), got in sorted(cells.items()):
+        common = sorted({s for (row, s) in got if row == a} & {s for (row, s) in got if row == b})
+        if not common:
+            continue
+        seeds = [(s, {row: got[(row, s)] for row in (a, b)}) for s in common]
+        diff, p = welch_test([x for _, g in seeds for x in g[a][0]], [x for _, g in seeds for x in g[b][0]])
+        ratio = sum(g[a][1] for _, g in seeds) / max(sum(g[b][1] for _, g in seeds), 1e-9)
+        out.append({"dataset": dataset, "ipc": ipc, "seeds": seeds, "diff": diff, "p": p, "ratio": ratio})
+    if not out:
+        raise BenchmarkError(f"rows {a!r} and {b!r} share no finished (dataset, IPC, seed): nothing to compare yet")
+    return out
+
+
+def format_comparison(comparisons, a, b):
+    """Markdown: a table per (dataset, ipc), a row per common seed and one for all of them."""
+    lines = []
+    for c in comparisons:
+        lines += [f"### {c['dataset']}, IPC {c['ipc']}: {a} vs {b}", "",
+                  f"| seed | {a} | {b} | difference | {a} distill (min) | {b} distill (min) | time ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for seed, g in c["seeds"]:
+            (acc_a, t_a), (acc_b, t_b) = g[a], g[b]
+            lines.append(f"| {seed} | {np.mean(acc_a):.2f} | {np.mean(acc_b):.2f} | "
+                         f"{np.mean(acc_a) - np.mean(acc_b):+.2f} | {t_a / 60:.1f} | {t_b / 60:.1f} | "
+                         f"{t_a / max(t_b, 1e-9):.2f}x |")
+        pooled = {row: [x for _, g in c["seeds"] for x in g[row][0]] for row in (a, b)}
+        p = "n/a" if np.isnan(c["p"]) else f"{c['p']:.3f}"
+        lines += [f"| all {len(c['seeds'])} | {np.mean(pooled[a]):.2f} ± {np.std(pooled[a]):.2f} (n={len(pooled[a])}) "
+                  f"| {np.mean(pooled[b]):.2f} ± {np.std(pooled[b]):.2f} (n={len(pooled[b])}) | "
+                  f"**{c['diff']:+.2f}** (Welch p = {p}) | {sum(g[a][1] for _, g in c['seeds']) / 60:.1f} | "
+                  f"{sum(g[b][1] for _, g in c['seeds']) / 60:.1f} | **{c['ratio']:.2f}x** |", ""]
+    lines.append("Accuracy: final-epoch test accuracy (%), per seed the mean over its evaluation networks; 'all' pools "
+                 "every network of the common seeds (mean ± population std), the difference's p-value is a two-sided "
+                 "Welch t-test over those pooled values. Distillation times are wall times as the records measured "
+                 "them: a ratio is only fair between cells run under the same load.")
+    return "\n".join(lines) + "\n"

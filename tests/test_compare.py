@@ -1,0 +1,69 @@
+"""run.py compare: two rows of a suite side by side, checked against a hand-computed Welch test."""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmark.grid.runner import RunPaths
+from benchmark.platform.errors import BenchmarkError
+from benchmark.report.compare import compare_rows, format_comparison
+from tests.helpers import cli, tiny_suite
+
+
+def rec(method, seed, accs, seconds, key=None):
+    return {"key": key or f"{method}-{seed}", "method": method, "dataset": "digits", "ipc": 1, "seed": seed,
+            "variant": "", "accuracy": {"accuracies": accs}, "evaluations": {}, "distill_seconds": seconds}
+
+
+def welch_by_hand(a, b):
+    """The Welch t statistic and Welch-Satterthwaite degrees of freedom, from their textbook formulas."""
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return 2 * stats.t.sf(abs(t), dof)
+
+
+def test_rows_are_compared_over_their_common_seeds():
+    """dc has seeds 0-1, iwd+dc seeds 0-2: seed 2 is left out of the difference, the p-value and the time ratio."""
+    records = [rec("dc", 0, [0.60, 0.62], 60.0), rec("dc", 1, [0.70, 0.69], 120.0),
+               rec("iwd+dc", 0, [0.64, 0.65], 300.0), rec("iwd+dc", 1, [0.71, 0.73], 300.0),
+               rec("iwd+dc", 2, [0.10, 0.10], 9999.0)]
+    (c,) = compare_rows(records, "iwd+dc", "dc")
+    assert [s for s, _ in c["seeds"]] == [0, 1]
+    a, b = [64.0, 65.0, 71.0, 73.0], [60.0, 62.0, 70.0, 69.0]
+    assert c["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert c["p"] == pytest.approx(welch_by_hand(a, b), rel=1e-9)
+    assert c["ratio"] == pytest.approx(600.0 / 180.0)
+    text = format_comparison([c], "iwd+dc", "dc")
+    assert "| 0 | 64.50 | 61.00 | +3.50 | 5.0 | 1.0 | 5.00x |" in text
+    assert f"**{np.mean(a) - np.mean(b):+.2f}**" in text and "**3.33x**" in text
+
+
+def test_an_unknown_row_names_the_rows_there_are():
+    records = [rec("dc", 0, [0.6, 0.6], 1.0), rec("iwd+dc", 1, [0.6, 0.6], 1.0)]
+    with pytest.raises(BenchmarkError, match="no finished cell of row 'dsa'.*dc, iwd\\+dc"):
+        compare_rows(records, "dsa", "dc")
+    with pytest.raises(BenchmarkError, match="share no finished"):
+        compare_rows(records, "iwd+dc", "dc")
+
+
+def test_the_command_reads_a_suites_records_and_writes_markdown(tmp_path):
+    s = tiny_suite(tmp_path, seeds=[0, 1])
+    paths = RunPaths(str(tmp_path / "runs"), s.name)
+    paths.ensure()
+    accs = {("dc", 0): [0.5, 0.52], ("dc", 1): [0.6, 0.58], ("iwd+dc", 0): [0.55, 0.57], ("iwd+dc", 1): [0.6, 0.62]}
+    for cell in s.cells():
+        if (cell.method, cell.seed) in accs:
+            with open(paths.record(cell), "w") as f:
+                json.dump(rec(cell.method, cell.seed, accs[(cell.method, cell.seed)], 90.0, cell.key), f)
+    out = tmp_path / "cmp.md"
+    p = cli("compare", "iwd+dc", "dc", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "runs"),
+            "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "| all 2 |" in p.stdout and "**+3.50**" in p.stdout and "**1.00x**" in p.stdout
+    assert out.read_text().startswith("### digits, IPC 1: iwd+dc vs dc")
+    p = cli("compare", "iwd+dc", "dm", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "runs"))
+    assert p.returncode == 2 and "no finished cell of row 'dm'" in p.stderr
