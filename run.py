@@ -322,7 +322,7 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
 def compare(row_a, row_b, suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, out):
     """Two rows of a suite side by side (ROW_A, ROW_B: leaderboard row names, `method` or `method@variant`): per
     seed the accuracy and distillation time of each, the difference and time ratio; over the common seeds the
-    difference with a two-sided Welch t-test and the ratio of total times."""
+    difference with a two-sided Welch t-test, a paired t-test over the seeds, and the ratio of total times."""
     from benchmark.grid.runner import read_records
     from benchmark.report.compare import compare_rows, format_comparison
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)

@@ -27,6 +27,16 @@ def welch_test(a, b):
     return diff, float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_test(differences):
+    """Two-sided one-sample t-test of mean(differences) != 0, over per-seed differences of two rows' mean
+    accuracies (a paired test). Returns the p-value; nan with fewer than 2 differences or none of spread."""
+    d = np.asarray(differences, dtype=np.float64)
+    if len(d) < 2 or d.std() == 0:
+        return float("nan")
+    from scipy import stats
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
 def roc_auc(scores, positive):
     """ROC AUC of `scores` as a detector of `positive` (probability that a random positive scores higher than a
     random negative, ties counting half), via average ranks (Mann-Whitney U): no scikit-learn needed at run time."""

@@ -37,9 +37,17 @@ def test_rows_are_compared_over_their_common_seeds():
     assert c["diff"] == pytest.approx(np.mean(a) - np.mean(b))
     assert c["p"] == pytest.approx(welch_by_hand(a, b), rel=1e-9)
     assert c["ratio"] == pytest.approx(600.0 / 180.0)
+    d = np.array([64.5 - 61.0, 72.0 - 69.5])  # per-seed differences of the networks' means
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    assert c["paired_p"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)
     text = format_comparison([c], "iwd+dc", "dc")
     assert "| 0 | 64.50 | 61.00 | +3.50 | 5.0 | 1.0 | 5.00x |" in text
     assert f"**{np.mean(a) - np.mean(b):+.2f}**" in text and "**3.33x**" in text
+
+
+def test_one_seed_has_no_paired_test():
+    (c,) = compare_rows([rec("dc", 0, [0.6, 0.7], 1.0), rec("iwd+dc", 0, [0.65, 0.7], 2.0)], "iwd+dc", "dc")
+    assert math.isnan(c["paired_p"]) and "paired over seeds p = n/a" in format_comparison([c], "iwd+dc", "dc")
 
 
 def test_an_unknown_row_names_the_rows_there_are():

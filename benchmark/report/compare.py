@@ -1,12 +1,14 @@
 """Two rows of a suite side by side, as a study's verdict quotes them: per seed each row's accuracy (mean over its
 evaluation networks) and distillation time, the per-seed difference and time ratio; then, over the seeds both rows
-have, the difference of the pooled accuracies with a two-sided Welch t-test and the ratio of total distillation
-times. A row is a leaderboard row name: `method` or `method@variant`."""
+have, the difference of the pooled accuracies with a two-sided Welch t-test (as the leaderboard marks it), a paired
+t-test over the per-seed differences (seeds move both rows alike, so pairing removes the seed-to-seed spread the
+Welch test counts as noise), and the ratio of total distillation times. A row is a leaderboard row name: `method` or
+`method@variant`."""
 from collections import defaultdict
 
 import numpy as np
 
-from evaluation.stats import welch_test
+from evaluation.stats import paired_test, welch_test
 
 from benchmark.platform.errors import BenchmarkError
 from benchmark.report.leaderboard import row_name
@@ -14,7 +16,8 @@ from benchmark.report.leaderboard import row_name
 
 def compare_rows(records, a, b):
     """-> one dict per (dataset, ipc) both rows have: `seeds` [(seed, {row: (accuracies %, distill s)})], `diff`
-    and `p` (Welch over the pooled accuracies of the common seeds), `ratio` (total distillation time a / b)."""
+    and `p` (Welch over the pooled accuracies of the common seeds), `paired_p` (paired t-test over the seeds' mean
+    accuracies; nan below 2 seeds or with identical differences), `ratio` (total distillation time a / b)."""
     cells = defaultdict(dict)  # (dataset, ipc) -> {(row, seed): (accs, seconds)}
     for r in records:
         if row_name(r) in (a, b) and r.get("accuracy"):
@@ -31,8 +34,11 @@ def compare_rows(records, a, b):
             continue
         seeds = [(s, {row: got[(row, s)] for row in (a, b)}) for s in common]
         diff, p = welch_test([x for _, g in seeds for x in g[a][0]], [x for _, g in seeds for x in g[b][0]])
+        per_seed = np.array([np.mean(g[a][0]) - np.mean(g[b][0]) for _, g in seeds])
+        paired_p = paired_test(per_seed)
         ratio = sum(g[a][1] for _, g in seeds) / max(sum(g[b][1] for _, g in seeds), 1e-9)
-        out.append({"dataset": dataset, "ipc": ipc, "seeds": seeds, "diff": diff, "p": p, "ratio": ratio})
+        out.append({"dataset": dataset, "ipc": ipc, "seeds": seeds, "diff": diff, "p": p, "paired_p": paired_p,
+                    "ratio": ratio})
     if not out:
         raise BenchmarkError(f"rows {a!r} and {b!r} share no finished (dataset, IPC, seed): nothing to compare yet")
     return out
@@ -51,13 +57,13 @@ def format_comparison(comparisons, a, b):
                          f"{np.mean(acc_a) - np.mean(acc_b):+.2f} | {t_a / 60:.1f} | {t_b / 60:.1f} | "
                          f"{t_a / max(t_b, 1e-9):.2f}x |")
         pooled = {row: [x for _, g in c["seeds"] for x in g[row][0]] for row in (a, b)}
-        p = "n/a" if np.isnan(c["p"]) else f"{c['p']:.3f}"
+        p, paired = ("n/a" if np.isnan(x) else f"{x:.3f}" for x in (c["p"], c["paired_p"]))
         lines += [f"| all {len(c['seeds'])} | {np.mean(pooled[a]):.2f} ± {np.std(pooled[a]):.2f} (n={len(pooled[a])}) "
                   f"| {np.mean(pooled[b]):.2f} ± {np.std(pooled[b]):.2f} (n={len(pooled[b])}) | "
-                  f"**{c['diff']:+.2f}** (Welch p = {p}) | {sum(g[a][1] for _, g in c['seeds']) / 60:.1f} | "
+                  f"**{c['diff']:+.2f}** (Welch p = {p}; paired over seeds p = {paired}) | {sum(g[a][1] for _, g in c['seeds']) / 60:.1f} | "
                   f"{sum(g[b][1] for _, g in c['seeds']) / 60:.1f} | **{c['ratio']:.2f}x** |", ""]
     lines.append("Accuracy: final-epoch test accuracy (%), per seed the mean over its evaluation networks; 'all' pools "
-                 "every network of the common seeds (mean ± population std), the difference's p-value is a two-sided "
-                 "Welch t-test over those pooled values. Distillation times are wall times as the records measured "
+                 "every network of the common seeds (mean ± population std); Welch p: a two-sided Welch t-test over those "
+                 "pooled values; paired p: a two-sided t-test of the per-seed differences against 0. Distillation times are wall times as the records measured "
                  "them: a ratio is only fair between cells run under the same load.")
     return "\n".join(lines) + "\n"
