@@ -450,7 +450,8 @@ def check(device, pattern):
 def bench(quick, dataset, data_root, device, repeats, sections, bases, out):
     """Measure speed and memory side by side (iterations, IWD overhead, influence vs a per-sample loop, iHVPs,
     evaluation, allocator, DC vs a plain loop) and write OUT/bench.md + bench.json."""
-    from benchmark.tools.perf import BenchSettings, run_bench, write_report
+    from benchmark.tools.perf import BenchSettings, run_bench
+    from benchmark.tools.perf_report import write_report
     s = BenchSettings(quick=quick, dataset=dataset, repeats=repeats, device=device, data_root=data_root,
                       sections=tuple(x for x in (sections or "").split(",") if x),
                       bases=tuple(x for x in (bases or "").split(",") if x))

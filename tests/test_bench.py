@@ -1,4 +1,5 @@
-"""`run.py bench` (benchmark.tools.perf): its sections run and their known answers hold (no timing is asserted)."""
+"""`run.py bench` (benchmark.tools.perf, perf_implicit, timing, perf_report): its sections run and their known
+answers hold (no timing is asserted)."""
 import json
 
 from helpers import cli as _cli
@@ -7,12 +8,13 @@ from helpers import cli as _cli
 def test_bench_damping_section_known_answers(digits, monkeypatch):
     """The opt-in damping section on digits with two dampings: each whole-batch answer against itself is 1, and a
     very large damping makes the solve the identity's (h = g_M / damping: the same ranking as TracIn-like)."""
-    from benchmark.tools import perf
+    from benchmark.tools import perf_implicit
+    from benchmark.tools.timing import BenchSettings
     import itertools
-    monkeypatch.setattr(perf, "DAMPINGS", (0.01, 1e6))
-    steps = perf._idc_steps
-    monkeypatch.setattr(perf, "_idc_steps", lambda s, ds: itertools.islice(steps(s, ds), 1))  # the fresh network
-    rows = perf.section_damping(perf.BenchSettings(dataset="digits", repeats=1), digits)
+    monkeypatch.setattr(perf_implicit, "DAMPINGS", (0.01, 1e6))
+    steps = perf_implicit._idc_steps
+    monkeypatch.setattr(perf_implicit, "_idc_steps", lambda s, ds: itertools.islice(steps(s, ds), 1))  # fresh net
+    rows = perf_implicit.section_damping(BenchSettings(dataset="digits", repeats=1), digits)
     assert [(r["network"], r["damping"]) for r in rows] == [("fresh network", 0.01), ("fresh network", 1e6)]
     for r in rows:
         if r["damping"] == 0.01:
@@ -54,7 +56,7 @@ def test_bench_quick_smoke_writes_report(tmp_path):
 
 
 def test_iteration_timing_covers_iwd_and_plain_dc(digits):
-    from benchmark.tools.perf import iteration_times
+    from benchmark.tools.timing import iteration_times
     r = iteration_times("iwd+dc", "quick", digits, 2, "cpu", 1)
     assert r["s_per_iteration"] > 0 and 0 < r["influence_s"] < r["s_per_iteration"]
     plain = iteration_times("dc", "quick", digits, 2, "cpu", 1)  # plain DC: timed, no influence share
