@@ -1,4 +1,5 @@
 """Selection baselines and the upper bound: Random, Herding, Full Dataset."""
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from benchmark.platform.device import to_device
 from benchmark.platform.files import save_torch_atomic
+from benchmark.platform.locks import file_lock
 from benchmark.core.artefacts import artefact_dir
 from benchmark.core.method import Method
 from benchmark.nn.networks import get_network
@@ -51,9 +53,10 @@ _FEATURE_NETS = {}  # in-process: (cache file, device) -> network
 def feature_network(task, cfg):
     """A network trained by the project on the real training set (SGD momentum 0.9, weight decay 5e-4, lr x0.1 after
     half the epochs), cached in the task's artefact cache (benchmark.core.artefacts) under a key holding every
-    setting that changes it: dataset (corruptions included), network, epochs, lr, batch, seed. Never cached: networks
-    trained on meta (shapes only). On meta it is trained when the task's observer says the run would make it (for
-    `run.py plan`: not when the network is in the cache already, nor twice for cells sharing one)."""
+    setting that changes it: dataset (corruptions included), network, epochs, lr, batch, seed. A lock file keeps two
+    processes (a suite's parallel cells) from training the same one: the second waits and loads it. Never cached:
+    networks trained on meta (shapes only). On meta it is trained when the task's observer says the run would make
+    it (for `run.py plan`: not when the network is in the cache already, nor twice for cells sharing one)."""
     ds = task.dataset
     settings = {"dataset": ds.full_name, "network": cfg.network, "epochs": cfg.feature_epochs, "lr": cfg.lr,
                 "batch": cfg.batch, "seed": task.seed, "momentum": 0.9, "weight_decay": 5e-4}
@@ -64,28 +67,51 @@ def feature_network(task, cfg):
     if not meta and key in _FEATURE_NETS:
         return _FEATURE_NETS[key]
     net = get_network(cfg.network, ds.channels, ds.num_classes, ds.image_size, seed=task.seed).to(task.device)
-    if meta and not task.observer.units_to_make(path, 1, int(os.path.exists(path)), task.device):
+    if meta:
+        if task.observer.units_to_make(path, 1, int(os.path.exists(path)), task.device):
+            _train_feature_network(net, task, cfg)
         net.eval()
-        return net  # the run loads it: no training to count (weights do not matter to a count)
-    try:
-        if meta:
-            raise FileNotFoundError(path)
-        net.load_state_dict(torch.load(path, map_location=task.device, weights_only=True))
-    except Exception:  # noqa: BLE001 - missing or stale cache: train it
-        gen = torch.Generator().manual_seed(task.seed)
-        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-        train_steps(net, ds.x_train, ds.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch, gen=gen,
-                    lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0),
-                    observer=task.observer)
-        if not meta:
-            try:
-                save_torch_atomic(path, {k: v.cpu() for k, v in net.state_dict().items()})
-            except OSError:
-                pass  # an unwritable cache only costs time
+        return net  # (weights do not matter to a count)
+    if not _load_feature_network(net, path, task.device):
+        with _cache_lock(path):
+            if not _load_feature_network(net, path, task.device):  # another process may have trained it meanwhile
+                _train_feature_network(net, task, cfg)
+                try:
+                    save_torch_atomic(path, {k: v.cpu() for k, v in net.state_dict().items()})
+                except OSError:
+                    pass  # an unwritable cache only costs time
     net.eval()
-    if not meta:
-        _FEATURE_NETS[key] = net
+    _FEATURE_NETS[key] = net
     return net
+
+
+def _load_feature_network(net, path, device):
+    try:
+        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return True
+    except Exception:  # noqa: BLE001 - missing or stale cache: train it
+        return False
+
+
+def _train_feature_network(net, task, cfg):
+    gen = torch.Generator().manual_seed(task.seed)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    train_steps(net, task.dataset.x_train, task.dataset.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch,
+                gen=gen, lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0),
+                observer=task.observer)
+
+
+def _cache_lock(path):
+    """The lock of one cached artefact (a day's wait for another process training it); none where the cache cannot
+    be written (then this process trains its own and keeps it in memory)."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    if not os.access(folder, os.W_OK):
+        return contextlib.nullcontext()
+    return file_lock(path + ".lock", f"the feature network {path}", "let that run finish it", wait_s=24 * 3600)
 
 
 def herding_select(features, k):

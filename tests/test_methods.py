@@ -1,6 +1,7 @@
 """Distillation methods: matching distance, weighted statistic, determinism, resume, PDD stages, loss decrease."""
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -325,3 +326,40 @@ def test_a_feature_network_is_cached_under_every_setting_that_changes_it(digits,
     baselines._FEATURE_NETS.clear()  # a new process: from disk
     again = feature_network(task, base)
     assert again is not net and torch.equal(w(again), w(net)) and len(files()) == 3
+
+
+def test_a_feature_network_another_process_is_training_is_waited_for_not_trained_twice(digits, task_of, tmp_path,
+                                                                                       monkeypatch):
+    """Two cells of a suite running at once (two processes, or a process pool) both need herding's feature network:
+    the second waits on the first's lock and loads the network it saved, instead of training its own."""
+    import threading
+
+    from benchmark.platform.files import save_torch_atomic
+    from benchmark.platform.locks import file_lock
+    from methods import baselines
+    task = task_of(digits, 1, 0, cache_dir=str(tmp_path))
+    cfg = baselines.HerdingConfig(network="ConvNetD1", feature_epochs=1)
+    trained = []
+    real_train = baselines._train_feature_network
+    monkeypatch.setattr(baselines, "_train_feature_network", lambda *a: (trained.append(1), real_train(*a)))
+    baselines.feature_network(task, cfg)  # where the cache keeps it
+    path = next(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f == "network.pt")
+    stored = torch.load(path, weights_only=True)
+    os.remove(path)
+    baselines._FEATURE_NETS.clear()
+    trained.clear()
+    holding = threading.Event()
+    saved = {k: v + 1 if v.is_floating_point() else v for k, v in stored.items()}  # what "the other process" saves
+
+    def other_process():
+        with file_lock(path + ".lock", "test", "wait"):
+            holding.set()
+            time.sleep(1.0)
+            save_torch_atomic(path, saved)
+    t = threading.Thread(target=other_process)
+    t.start()
+    holding.wait()
+    net = baselines.feature_network(task, cfg)
+    t.join()
+    assert trained == []  # waited for the lock, then loaded
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
