@@ -320,15 +320,16 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
 @with_options(suite_options)
 @click.option("--out", default=None, help="Also write the comparison to this Markdown file.")
 def compare(row_a, row_b, suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, out):
-    """Two rows of a suite side by side (ROW_A, ROW_B: leaderboard row names, `method` or `method@variant`): per
-    seed the accuracy and distillation time of each, the difference and time ratio; over the common seeds the
-    difference with a two-sided Welch t-test, a paired t-test over the seeds, and the ratio of total times."""
+    """Two rows of a suite side by side (ROW_A, ROW_B: leaderboard row names, `method@variant`, or `method` where it
+    has one variant): per seed the accuracy and distillation time of each, the difference and time ratio; over the
+    common seeds the difference with a two-sided Welch t-test, a paired t-test over the seeds, and the ratio of total
+    times."""
     from benchmark.grid.runner import read_records
     from benchmark.report.compare import compare_rows, format_comparison
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     wanted = {c.key for c in s.cells()}
     text = format_comparison(compare_rows([r for r in read_records(run_root, s.name) if r["key"] in wanted],
-                                          row_a, row_b), row_a, row_b)
+                                          row_a, row_b))
     text += f"\nSuite `{s.name}`, records under `{run_root}`; command: `{COMMAND}`\n"
     if out:
         with open(out, "w") as f:

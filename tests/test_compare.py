@@ -40,20 +40,27 @@ def test_rows_are_compared_over_their_common_seeds():
     d = np.array([64.5 - 61.0, 72.0 - 69.5])  # per-seed differences of the networks' means
     t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
     assert c["paired_p"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)
-    text = format_comparison([c], "iwd+dc", "dc")
+    text = format_comparison([c])
     assert "| 0 | 64.50 | 61.00 | +3.50 | 5.0 | 1.0 | 5.00x |" in text
     assert f"**{np.mean(a) - np.mean(b):+.2f}**" in text and "**3.33x**" in text
 
 
 def test_one_seed_has_no_paired_test():
     (c,) = compare_rows([rec("dc", 0, [0.6, 0.7], 1.0), rec("iwd+dc", 0, [0.65, 0.7], 2.0)], "iwd+dc", "dc")
-    assert math.isnan(c["paired_p"]) and "paired over seeds p = n/a" in format_comparison([c], "iwd+dc", "dc")
+    assert math.isnan(c["paired_p"]) and "paired over seeds p = n/a" in format_comparison([c])
 
 
-def test_an_unknown_row_names_the_rows_there_are():
+def test_an_unknown_row_names_the_rows_there_are_and_a_bare_method_finds_its_one_variant():
     records = [rec("dc", 0, [0.6, 0.6], 1.0), rec("iwd+dc", 1, [0.6, 0.6], 1.0)]
     with pytest.raises(BenchmarkError, match="no finished cell of row 'dsa'.*dc, iwd\\+dc"):
         compare_rows(records, "dsa", "dc")
+    variants = [{**rec("dc", 0, [0.6, 0.7], 1.0), "variant": "clean"},
+                {**rec("iwd+dc", 0, [0.7, 0.72], 2.0), "variant": "clean"},
+                {**rec("iwd+dc", 0, [0.5, 0.5], 2.0), "variant": "noisy"}]
+    (c,) = compare_rows(variants, "iwd+dc@clean", "dc")
+    assert c["rows"] == ("iwd+dc@clean", "dc@clean") and c["diff"] == pytest.approx(6.0)
+    with pytest.raises(BenchmarkError, match="row 'iwd\\+dc' \\(name its variant\\)"):
+        compare_rows(variants, "iwd+dc", "dc")
     with pytest.raises(BenchmarkError, match="share no finished"):
         compare_rows(records, "iwd+dc", "dc")
 
