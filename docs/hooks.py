@@ -41,3 +41,8 @@ def on_files(files, config):
 
 def on_page_markdown(markdown, page, config, files):
     return site.expand(markdown, RESULTS)
+
+
+def on_page_content(html, page, config, files):
+    """mkdocs-click shows a required option's missing default as click's internal sentinel: say "required"."""
+    return html.replace("<code>Sentinel.UNSET</code>", "<em>required</em>")

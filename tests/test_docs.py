@@ -23,6 +23,7 @@ def test_every_command_is_in_the_cli_reference(site):
     html = open(site / "cli" / "index.html", encoding="utf-8").read()
     missing = [name for name in run.cli.commands if f'id="python-runpy-{name}"' not in html]
     assert not missing and len(run.cli.commands) >= 11, missing
+    assert "Sentinel" not in html and "<em>required</em>" in html  # distill's --method shows as required
 
 
 def test_generated_pages_follow_the_code_and_the_results(site):
