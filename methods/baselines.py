@@ -1,5 +1,4 @@
 """Selection baselines and the upper bound: Random, Herding, Full Dataset."""
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -9,8 +8,7 @@ import torch.nn.functional as F
 
 from benchmark.platform.device import to_device
 from benchmark.platform.files import save_torch_atomic
-from benchmark.platform.locks import file_lock
-from benchmark.core.artefacts import artefact_dir
+from benchmark.core.artefacts import artefact_dir, artefact_lock
 from benchmark.core.method import Method
 from benchmark.nn.networks import get_network
 from benchmark.core.registry import register_method
@@ -73,7 +71,7 @@ def feature_network(task, cfg):
         net.eval()
         return net  # (weights do not matter to a count)
     if not _load_feature_network(net, path, task.device):
-        with _cache_lock(path):
+        with artefact_lock(path, f"the feature network {path}"):
             if not _load_feature_network(net, path, task.device):  # another process may have trained it meanwhile
                 _train_feature_network(net, task, cfg)
                 try:
@@ -99,19 +97,6 @@ def _train_feature_network(net, task, cfg):
     train_steps(net, task.dataset.x_train, task.dataset.y_train, opt, epochs=cfg.feature_epochs, batch=cfg.batch,
                 gen=gen, lr_schedule=lambda ep: cfg.lr * (0.1 if ep >= cfg.feature_epochs // 2 + 1 else 1.0),
                 observer=task.observer)
-
-
-def _cache_lock(path):
-    """The lock of one cached artefact (a day's wait for another process training it); none where the cache cannot
-    be written (then this process trains its own and keeps it in memory)."""
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return contextlib.nullcontext()
-    if not os.access(folder, os.W_OK):
-        return contextlib.nullcontext()
-    return file_lock(path + ".lock", f"the feature network {path}", "let that run finish it", wait_s=24 * 3600)
 
 
 def herding_select(features, k):

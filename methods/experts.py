@@ -24,11 +24,10 @@ from typing import Optional
 import torch
 
 from benchmark.core import seeds
-from benchmark.core.artefacts import artefact_dir
+from benchmark.core.artefacts import artefact_dir, artefact_lock
 from benchmark.nn.augment import DSA
 from benchmark.platform.errors import BenchmarkError
 from benchmark.platform.files import save_torch_atomic
-from benchmark.platform.locks import file_lock
 from benchmark.nn.networks import NetworkOptions
 from benchmark.core.synthetic import safe_load
 from benchmark.nn.training import train_steps
@@ -79,7 +78,7 @@ def expert_trajectory(task, spec, k, epochs):
     stored = _read(path, spec)
     if stored is not None and len(stored["params"]) > epochs:
         return stored["params"][:epochs + 1]
-    with file_lock(path + ".lock", f"expert {k} of {folder}", "let that run finish it", wait_s=24 * 3600):
+    with artefact_lock(path, f"expert {k} of {folder}", must_store=True):
         stored = _read(path, spec)  # another process may have trained it while this one waited
         if stored is None or len(stored["params"]) <= epochs:
             stored = _train(task, spec, k, epochs, path, stored)

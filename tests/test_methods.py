@@ -328,6 +328,17 @@ def test_a_feature_network_is_cached_under_every_setting_that_changes_it(digits,
     assert again is not net and torch.equal(w(again), w(net)) and len(files()) == 3
 
 
+def test_an_unwritable_cache_only_costs_a_feature_network_time(digits, task_of, tmp_path):
+    """Herding with a cache that cannot be written (a file where its folder should be, unwritable even for root)
+    trains its feature network in memory and selects, instead of failing."""
+    from methods import baselines
+    (tmp_path / "not-a-folder").write_text("")
+    task = task_of(digits, 1, 0, cache_dir=str(tmp_path / "not-a-folder"))
+    baselines._FEATURE_NETS.clear()
+    net = baselines.feature_network(task, baselines.HerdingConfig(network="ConvNetD1", feature_epochs=1))
+    assert sum(p.numel() for p in net.parameters()) > 0 and os.listdir(tmp_path) == ["not-a-folder"]
+
+
 def test_a_feature_network_another_process_is_training_is_waited_for_not_trained_twice(digits, task_of, tmp_path,
                                                                                        monkeypatch):
     """Two cells of a suite running at once (two processes, or a process pool) both need herding's feature network:

@@ -135,6 +135,18 @@ def test_a_killed_expert_build_resumes_exactly(digits, tmp_path):
     assert [i for i, (a, b) in enumerate(zip(resumed, fresh)) if not torch.equal(a, b)] == []
 
 
+def test_an_unwritable_cache_stops_an_expert_before_it_trains(digits, tmp_path, monkeypatch):
+    """Experts are read back every iteration, so they must be stored: a cache that cannot be written is a clear
+    error naming the fix, raised before any epoch is trained (a file where the cache folder should be makes it
+    unwritable even for root)."""
+    (tmp_path / "not-a-folder").write_text("")
+    task = Task(digits, 1, 0, cache_dir=str(tmp_path / "not-a-folder"))
+    m, spec = _spec(task)
+    monkeypatch.setattr(experts, "_train", lambda *a: pytest.fail("trained with nowhere to store the expert"))
+    with pytest.raises(BenchmarkError, match="cannot be written.*IWD_CACHE"):
+        experts.expert_trajectory(task, spec, 0, 2)
+
+
 def test_pdd_mtt_freezes_earlier_stages_and_matches_later_epochs(digits):
     task = Task(digits, 2, 0)
     m = create_method("pdd-mtt", None, {**TINY, "iterations": 1, "stages": 2}).for_task(task)
