@@ -376,3 +376,17 @@ def test_every_committed_suite_builds_every_cell():
                 m.base_method()
     study = load_suite("iwd-study")
     assert len(study.cells()) == 108 and len(load_suite("iwd-study-dm10").cells()) == 54
+
+
+def test_a_suite_name_means_the_built_in_suite_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`run.py status --suite quick` run inside a run root (which holds a `quick/` folder) reads the built-in suite;
+    a suite file given by path is read, named after the file; a name that is neither is a clear error."""
+    from benchmark.grid.suites import load_suite
+    from benchmark.platform.errors import BenchmarkError
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").mkdir()
+    assert load_suite("quick").name == "quick" and load_suite("quick").methods
+    (tmp_path / "mine.yml").write_text(yaml.safe_dump({"methods": ["random"], "datasets": ["digits"], "ipc": [1]}))
+    assert load_suite(str(tmp_path / "mine.yml")).name == "mine"
+    with pytest.raises(BenchmarkError, match="unknown suite"):
+        load_suite("no-such-suite")

@@ -74,8 +74,11 @@ def list_suites():
 
 
 def load_suite(name_or_path) -> Suite:
-    path = name_or_path if os.path.exists(str(name_or_path)) else os.path.join(SUITE_DIR, f"{name_or_path}.yaml")
-    if not os.path.exists(path):
+    """A built-in suite by name, or a suite file (YAML) by path. A folder of the same name (a run root's
+    `<suite>/`, in the working directory) is not a suite file: the name then means the built-in suite."""
+    given = str(name_or_path)
+    path = given if os.path.isfile(given) else os.path.join(SUITE_DIR, f"{given}.yaml")
+    if not os.path.isfile(path):
         raise unknown_name("suite", name_or_path, list_suites())
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
@@ -83,7 +86,7 @@ def load_suite(name_or_path) -> Suite:
     bad = set(raw) - known
     if bad:
         raise BenchmarkError(f"suite {path} has unknown keys {sorted(bad)}; known: {sorted(known)}")
-    raw.setdefault("name", os.path.basename(path)[:-5])
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     return Suite(**raw)
 
 
