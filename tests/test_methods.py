@@ -262,7 +262,7 @@ def test_a_short_distillation_lowers_the_matching_loss(digits, task_of):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
 
 
