@@ -94,3 +94,27 @@ def test_cells_name_their_commits_and_dirty_ones_are_marked(tmp_path):
     assert rows["dm"]["commits"] == "abc1234 def5678+dirty" and rows["dm"]["dirty"] == "yes"
     assert rows["dc"]["commits"] == "abc1234" and rows["dc"]["dirty"] == "no"
 
+
+
+def test_cost_figure_labels_of_close_points_do_not_overlap():
+    """A base and its IWD row often sit almost on one spot of the accuracy-vs-cost figure: their labels are placed
+    where no label covers another or a marker, inside the axes."""
+    from benchmark.report.figures import _label_points, _plt
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    points = {"dc": (1000.0, 75.3), "idc": (1050.0, 75.31), "iwd+dc": (1100.0, 75.6), "dsa": (90.0, 65.9),
+              "iwd+dsa": (120.0, 66.8), "random": (0.1, 52.4), "mtt": (2400.0, 81.6)}
+    for x, y in points.values():
+        ax.scatter([x], [y])
+    ax.set_xscale("log")
+    fig.tight_layout()
+    _label_points(fig, ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    frame = ax.get_window_extent(renderer)
+    plt.close(fig)
+    assert sorted(boxes) == sorted(points)
+    overlapping = [(a, b) for a in boxes for b in boxes if a < b and boxes[a].overlaps(boxes[b])]
+    assert overlapping == []
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+               for b in boxes.values())

@@ -1,4 +1,5 @@
 """Figures like the paper's (matplotlib, PNG)."""
+import math
 import os
 
 import torch
@@ -195,8 +196,10 @@ def cost_figure(records, out_path, network):
     if not cols:
         return None
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), squeeze=False)
+    all_points = []
     for ax, (dataset, ipc) in zip(axes[0], cols):
         points, first = {}, {}
+        all_points.append(points)
         for n in sorted({row_name(r) for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)}):
             recs = [r for r in records if row_name(r) == n and (r["dataset"], r["ipc"]) == (dataset, ipc)]
             accs = _accuracies(recs, network)
@@ -206,12 +209,14 @@ def cost_figure(records, out_path, network):
         for n, (x, y) in points.items():
             iwd = n.startswith("iwd+")
             ax.scatter([x], [y], color="#c44e52" if iwd else "#4c72b0", zorder=3)
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
             base = base_row(first[n], points) if iwd else None  # the leaderboard's own comparison
             if base:
                 ax.plot([points[base][0], x], [points[base][1], y], color="#c44e52", lw=1, alpha=0.6, zorder=2)
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.margins(x=0.08, y=0.1)  # room for the labels of the outermost points
+        xs = [x for x, _ in points.values()]
+        decades = math.log10(max(xs) / min(xs)) if xs else 0
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5) if decades <= 3 else (1,)))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("distillation time per cell (s, log scale; as recorded; 0.1 s: none)")
@@ -220,7 +225,50 @@ def cost_figure(records, out_path, network):
         ax.grid(alpha=0.3)
     fig.suptitle("Accuracy against distillation cost (red: IWD variants, joined to their base)", fontsize=10)
     fig.tight_layout()
+    for ax, labels in zip(axes[0], all_points):
+        _label_points(fig, ax, labels)
     return _save(fig, out_path)
+
+
+LABEL_OFFSETS = [((dx, dy), "left" if dx > 0 else "right", "bottom" if dy > 0 else "top")
+                 for dy in (3, -3, 9, -9) for dx in (4, -4)]  # points: nearest the marker first
+
+
+def _label_points(fig, ax, points, fontsize=6.5):
+    """Name each point beside it, at the one of LABEL_OFFSETS (first first) where its text stays inside the axes
+    and covers no marker and no label placed before (top to bottom), so that close points (a base and its IWD row)
+    stay readable; where none is free, the one covering least (text outside the axes counts as covered)."""
+    from matplotlib.transforms import Bbox
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    r = 3.5 * fig.dpi / 72  # a marker's half-width in pixels
+    placed = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+              for px, py in (ax.transData.transform(p) for p in points.values())]
+
+    def area(b):
+        return max(b.width, 0) * max(b.height, 0)
+
+    def covered(box):
+        outside = area(box) - area(Bbox.intersection(box, frame) or Bbox.from_extents(0, 0, 0, 0))
+        return outside + sum(area(Bbox.intersection(box, other) or Bbox.from_extents(0, 0, 0, 0))
+                             for other in placed)
+
+    for n, (x, y) in sorted(points.items(), key=lambda kv: -kv[1][1]):
+        best = None
+        for offset, ha, va in LABEL_OFFSETS:
+            text = ax.annotate(n, (x, y), textcoords="offset points", xytext=offset, ha=ha, va=va,
+                               fontsize=fontsize)
+            box = text.get_window_extent(renderer)
+            cost = covered(box)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, box)
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
 
 
 def suite_figures(records, out_dir, eval_networks, sets_dir=None, dataset_of=None):
