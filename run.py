@@ -309,9 +309,14 @@ def table(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, re
     args = [("run" if a == "table" else a) for a in sys.argv[1:]]  # (after any global option such as --threads)
     path = _write_table(s, run_root, results_root, "python run.py " + " ".join(shlex.quote(a) for a in args))
     if not path:
-        raise BenchmarkError(f"no finished cells for suite {s.name!r} under {run_root}; run: python run.py run "
-                             f"--suite {s.name}")
+        raise _no_finished_cells(s, run_root)
     click.echo(open(path).read())
+
+
+def _no_finished_cells(s, run_root):
+    root = "" if run_root == "runs" else f" --run-root {shlex.quote(run_root)}"
+    return BenchmarkError(f"no finished cells for suite {s.name!r} under {run_root}; run: python run.py run "
+                          f"--suite {s.name}{root}")
 
 
 @cli.command()
@@ -328,8 +333,10 @@ def compare(row_a, row_b, suite, methods, datasets, ipc, seeds, variants, num_ev
     from benchmark.report.compare import compare_rows, format_comparison
     s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
     wanted = {c.key for c in s.cells()}
-    text = format_comparison(compare_rows([r for r in read_records(run_root, s.name) if r["key"] in wanted],
-                                          row_a, row_b))
+    records = [r for r in read_records(run_root, s.name) if r["key"] in wanted]
+    if not records:
+        raise _no_finished_cells(s, run_root)
+    text = format_comparison(compare_rows(records, row_a, row_b))
     text += f"\nSuite `{s.name}`, records under `{run_root}`; command: `{COMMAND}`\n"
     if out:
         with open(out, "w") as f:

@@ -82,3 +82,6 @@ def test_the_command_reads_a_suites_records_and_writes_markdown(tmp_path):
     assert out.read_text().startswith("### digits, IPC 1: iwd+dc vs dc")
     p = cli("compare", "iwd+dc", "dm", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "runs"))
     assert p.returncode == 2 and "no finished cell of row 'dm'" in p.stderr
+    p = cli("compare", "iwd+dc", "dc", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "none"))
+    assert p.returncode == 2 and "no finished cells for suite" in p.stderr
+    assert f"python run.py run --suite {s.name} --run-root {tmp_path / 'none'}" in p.stderr
