@@ -451,7 +451,8 @@ def check(device, pattern):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--repeats", type=int, default=0, help="Timed repeats per workload (0: 2 quick, 3 full).")
 @click.option("--sections", default=None,
-              help="Comma list of sections (default: all but warm_start and damping, which run only when named).")
+              help="Comma list of sections (default: all but warm_start, damping and processes, which run only when "
+                   "named).")
 @click.option("--bases", default=None, help="Comma list narrowing the iterations section's base methods (default: "
                                          "every method with an IWD variant).")
 @click.option("--out", default="results", show_default=True, help="Folder for bench.md and bench.json.")

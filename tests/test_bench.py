@@ -23,6 +23,21 @@ def test_bench_damping_section_known_answers(digits, monkeypatch):
             assert r["whole_vs_identity"] > 0.999 and r["another_batch"] > 0.999
 
 
+def test_bench_processes_section_runs_one_to_cpu_count_processes_at_once(monkeypatch):
+    """The opt-in processes section (how many 1-thread processes to start): the workload alone, then 2 .. CPU count
+    processes together, each a fresh 1-thread process; one process alone is throughput 1 by definition."""
+    import os
+    from benchmark.tools import perf
+    from benchmark.tools.timing import BenchSettings
+    monkeypatch.setattr(perf, "PROCESS_WORKLOADS", {"convnet_step": "ConvNet-3 step"})
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    rows = perf.section_processes(BenchSettings(dataset="digits", repeats=1), None)
+    assert [(r["workload"], r["processes"], r["error"]) for r in rows] == [("ConvNet-3 step", 1, ""),
+                                                                           ("ConvNet-3 step", 2, "")]
+    assert rows[0]["throughput_vs_one"] == 1.0 and all(r["s_each"] > 0 and r["slowest"] >= r["s_each"] for r in rows)
+    assert rows[1]["throughput_vs_one"] == 2 * rows[0]["s_each"] / rows[1]["s_each"]
+
+
 def test_bench_quick_smoke_writes_report(tmp_path):
     """`run.py bench --quick` end to end on digits (a smoke check: no timing is asserted). The per-sample-loop
     baseline must agree with the O(1) influence path; the allocator probes run in subprocesses."""

@@ -286,6 +286,50 @@ def run_probe(kind, env_extra, s):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_probes_at_once(kind, n, s, threads=1):
+    """The probe `kind` in `n` fresh processes started together, each with `threads` torch threads (the allocator
+    run.py chooses); their results in start order."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IWD_NO_MALLOC_TUNING")}
+    tc = allocator.tcmalloc_path()
+    if tc:
+        env["LD_PRELOAD"] = tc
+    env["OMP_NUM_THREADS"] = str(threads)
+    code = (f"import torch; torch.set_num_threads({threads}); from benchmark.platform import allocator; "
+            f"allocator.tune(); from benchmark.tools.perf import probe; probe({kind!r}, {s.dataset!r}, {s.n})")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=3600)
+        out.append(json.loads(stdout.strip().splitlines()[-1]) if p.returncode == 0 else
+                   {"error": (stderr.strip().splitlines() or ["failed"])[-1]})
+    return out
+
+
+PROCESS_WORKLOADS = {"convnet_step": "ConvNet-3 forward+backward+SGD, batch 256",
+                     "ours_dc:eager": "DC iteration, reference settings, IPC 1"}
+
+
+def section_processes(s, ds):
+    """How many 1-thread processes to start on this machine (a suite started N times): the same workload in one
+    process alone, then in 2, ... up to the CPU count at once. Throughput vs one = n x (s alone) / (s each). Only
+    meaningful on an otherwise idle machine, hence opt-in."""
+    rows = []
+    for kind, label in PROCESS_WORKLOADS.items():
+        alone = None
+        for n in range(1, (os.cpu_count() or 1) + 1):
+            results = run_probes_at_once(kind, n, s)
+            errors = [r["error"] for r in results if "error" in r]
+            each = sorted(r["s"] for r in results if "s" in r)
+            t = each[len(each) // 2] if each else float("nan")
+            alone = t if n == 1 else alone
+            rows.append({"workload": label, "processes": n, "s_each": t, "slowest": each[-1] if each else None,
+                         "throughput_vs_one": n * alone / t if each and alone else float("nan"),
+                         "error": errors[0] if errors else ""})
+    return rows
+
+
 def _allocators():
     configs = dict(ALLOCATORS)
     tc = allocator.tcmalloc_path()
@@ -358,11 +402,12 @@ SECTIONS = {"peak": section_peak, "iterations": section_iterations, "explicit": 
             "ihvp": section_ihvp, "curvature": section_curvature, "damping": section_damping,
             "warm_start": section_warm_start,
             "evaluation": section_evaluation,
-            "allocator": section_allocator, "dc_vs_plain": section_dc_vs_plain, "memory": section_memory}
+            "allocator": section_allocator, "dc_vs_plain": section_dc_vs_plain, "memory": section_memory,
+            "processes": section_processes}
 # run only when named: converges CG to 1e-6 at every matching step of two IWD+IDC iterations, minutes on digits but
 # hours on Fashion-MNIST (its committed result, results/warm-start/bench.md, is on digits); damping: 56 exact GN
-# solves, minutes (results/damping/bench.md)
-OPT_IN_SECTIONS = ("warm_start", "damping")
+# solves, minutes (results/damping/bench.md); processes: needs an otherwise idle machine
+OPT_IN_SECTIONS = ("warm_start", "damping", "processes")
 
 
 def run_bench(s: BenchSettings, progress=print):

@@ -74,6 +74,11 @@ TABLES = {
         [("implementation", "implementation"), ("s per iteration", "s"),
          ("speedup vs ours eager (today's loop)", "speedup_vs_eager"),
          ("speedup vs plain (glibc default)", "speedup_vs_plain_default")]),
+    ("processes", None): (
+        "1-thread processes at once (the same workload in n fresh processes started together; median seconds per "
+        "call of each; throughput vs one = n x alone / each)",
+        [("workload", "workload"), ("processes", "processes"), ("s each (median)", "s_each"),
+         ("slowest s", "slowest"), ("throughput vs one process", "throughput_vs_one"), ("error", "error")]),
     ("memory", None): (
         "Memory of DC at IPC 10 over iterations",
         [("preset", "preset"), ("RSS after each iteration (MB)", "rss"),
