@@ -39,3 +39,18 @@ def test_generated_pages_follow_the_code_and_the_results(site):
         page = site / "results" / (folder if folder != "." else "bench") / "index.html"
         assert page.exists(), folder
     assert (site / "results" / "quick" / "figures" / "accuracy_vs_cost.png").exists()
+
+
+def test_the_results_index_describes_each_folder_in_a_line_without_its_command(tmp_path):
+    """A benchmark folder is described by what it measured (its section titles), any other page by its title;
+    never by a command line, which would overflow the index table."""
+    from benchmark.report.site import results_index
+    (tmp_path / "speed").mkdir()
+    (tmp_path / "speed" / "bench.md").write_text(
+        "# Performance benchmark\n\n`python run.py bench --quick --sections evaluation --out results/speed`\n\n"
+        "## Evaluation (seconds per epoch)\n\n| a | b |\n|---|---|\n")
+    (tmp_path / "check").mkdir()
+    (tmp_path / "check" / "notes.md").write_text("# plan vs measured\n\nMeasured: `python run.py run --suite quick`\n")
+    rows = results_index(str(tmp_path)).splitlines()[2:]
+    assert rows == ["| [results/check](check/index.md) | plan vs measured |",
+                    "| [results/speed](speed/index.md) | Benchmark: Evaluation. |"]

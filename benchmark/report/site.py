@@ -82,8 +82,11 @@ def results_index(results_root):
                 text = [ln for ln in open(full, encoding="utf-8").read().splitlines() if ln.strip()]
                 prose = [ln for ln in text if not ln.startswith(("#", "|", "-", "```"))]  # its first sentence
                 first = (prose or text or [""])[0]
-                if f == "README.md" and text and text[0].startswith("#"):  # a README's title says it best
+                if f not in ("leaderboard.md", "bench.md") and text and text[0].startswith("#"):  # its title says it best
                     first = re.sub(r"^#+\s*", "", text[0])
+                if f == "bench.md":  # a benchmark's command would overflow the table: name what it measured
+                    first = "Benchmark: " + "; ".join(
+                        re.sub(r"\s*\(.*", "", ln[3:]) for ln in text if ln.startswith("## ")) + "."
                 first = first[:first.find(". ") + 1] if ". " in first[:200] else (
                     first if len(first) <= 200 else first[:first.rfind(" ", 0, 200)] + " ...")
                 break
