@@ -54,3 +54,23 @@ def test_the_results_index_describes_each_folder_in_a_line_without_its_command(t
     rows = results_index(str(tmp_path)).splitlines()[2:]
     assert rows == ["| [results/check](check/index.md) | plan vs measured |",
                     "| [results/speed](speed/index.md) | Benchmark: Evaluation. |"]
+
+
+def test_no_list_starts_right_after_a_paragraph_line():
+    """Python-Markdown (MkDocs) needs a blank line before a list: without one, the items run into the paragraph
+    above as a single block of text. Checked over the docs, the README and every results page the site includes."""
+    import glob
+    import re
+    item = re.compile(r"\s*(- |\* |\d+\. )")
+    files = [os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True),
+             *glob.glob(os.path.join(ROOT, "results", "**", "*.md"), recursive=True)]
+    bad = []
+    for path in files:
+        lines, fenced = open(path, encoding="utf-8").read().split("\n"), False
+        for i, line in enumerate(lines[1:], start=1):
+            fenced ^= line.startswith("```")
+            prev = lines[i - 1]
+            if (not fenced and item.match(line) and not line.startswith(" ") and prev.strip()
+                    and not item.match(prev) and not prev.startswith(("  ", "#", "|", "<!--", "```"))):
+                bad.append(f"{os.path.relpath(path, ROOT)}:{i + 1}")
+    assert not bad, f"a list right after a paragraph line (add a blank line before it): {bad}"
