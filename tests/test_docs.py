@@ -74,3 +74,53 @@ def test_no_list_starts_right_after_a_paragraph_line():
                     and not item.match(prev) and not prev.startswith(("  ", "#", "|", "<!--", "```"))):
                 bad.append(f"{os.path.relpath(path, ROOT)}:{i + 1}")
     assert not bad, f"a list right after a paragraph line (add a blank line before it): {bad}"
+
+
+def _python_blocks(path):
+    import re
+    return re.findall(r"```python\n(.*?)```", open(path, encoding="utf-8").read(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/extending.md"])
+def test_the_add_your_own_method_example_runs_as_written(page, tmp_path):
+    """The method example, saved as mymethods.py, registers mean-shift and iwd+mean-shift, and both distil and
+    evaluate on the CPU through `run.py --plugin mymethods check` (one tiny iteration, one evaluation epoch)."""
+    (tmp_path / "mymethods.py").write_text(_python_blocks(os.path.join(ROOT, page))[0])
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), "--threads", "1", "--plugin", "mymethods",
+                          "check", "--device", "cpu", "--methods", "mean-shift,iwd+mean-shift"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.split()[:1] in (["mean-shift"], ["iwd+mean-shift"])]
+    assert sorted(r[0] for r in rows) == ["iwd+mean-shift", "mean-shift"] and all(r[1] == "ok" for r in rows), out.stdout
+
+
+def test_the_dataset_and_network_examples_register_what_they_say(tmp_path):
+    """Extending's dataset and network examples, run as a plugin module in a fresh process: the network builds and
+    maps a batch to logits, and the dataset loads from my_digits.npz under the data root (and, without the file,
+    the error says how to get it)."""
+    blocks = _python_blocks(os.path.join(ROOT, "docs", "extending.md"))
+    dataset_block = next(b for b in blocks if "register_dataset(" in b)
+    network_block = next(b for b in blocks if "register_network(" in b)
+    (tmp_path / "myparts.py").write_text(dataset_block + "\n\n" + network_block)
+    script = """
+import numpy as np, torch, myparts
+from benchmark.data.datasets import get_dataset
+from benchmark.nn.networks import get_network
+net = get_network("TinyMLP", 1, 10, (8, 8))
+assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+try:
+    get_dataset("my-digits", data_root="%(root)s/empty")
+    raise SystemExit("no error without the file")
+except Exception as e:
+    assert "my_digits.npz" in str(e), e
+rng = np.random.default_rng(0)
+np.savez("%(root)s/my_digits.npz", x_train=rng.random((20, 1, 8, 8), dtype=np.float32), y_train=np.arange(20) %% 10,
+         x_test=rng.random((10, 1, 8, 8), dtype=np.float32), y_test=np.arange(10))
+ds = get_dataset("my-digits", data_root="%(root)s")
+print("ok", len(ds.y_train), len(ds.y_test))
+""" % {"root": tmp_path}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["ok", "20", "10"], out.stdout + out.stderr

@@ -19,6 +19,8 @@ _NETWORKS = {}
 
 
 def register_network(name, **defaults):
+    """Register `fn(channels, num_classes, size, **options) -> nn.Module` under `name`: `size` is the side of the
+    (square) images, `defaults` the options' values unless a config or suite overrides them."""
     def deco(fn):
         _NETWORKS[name] = (fn, defaults)
         return fn
