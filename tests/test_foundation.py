@@ -259,7 +259,7 @@ def test_corruptions_change_only_what_they_say():
     # each duplicate is within noise of a clean source image of its class
     src = clean.x_train[~d].flatten(1)
     for i in d.nonzero().flatten()[:20].tolist():
-        dist = (src - clean.x_train.new_tensor(dup.x_train[i]).flatten()).norm(dim=1)
+        dist = (src - dup.x_train[i].to(clean.x_train.dtype).flatten()).norm(dim=1)
         j = int(dist.argmin())
         assert dist[j] < 0.05 * 4 * src.shape[1] ** 0.5 and clean.y_train[~d][j] == clean.y_train[i]
     out = get_dataset("digits@outliers=0.1")

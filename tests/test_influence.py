@@ -300,7 +300,7 @@ def test_influence_predicts_retraining_logistic_regression(digits64):
         instance_loss=lambda x, y: F.cross_entropy(x @ W0, y, reduction="none") + 0.5 * lam * (W0 ** 2).sum())
     (pred,), info = implicit_scores(step, uniform_weights(step), SolverConfig("cg", damping=1e-12, max_iter=500,
                                                                             tol=1e-12))
-    base = float(test_loss(W0))
+    base = float(test_loss(W0).detach())
     order = pred.abs().argsort(descending=True)[:12].tolist() + pred.abs().argsort()[:4].tolist()
     eps = 0.01
     actual = []
