@@ -9,7 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(int(os.environ.get("IWD_TEST_THREADS", "2")))  # 1 beside a background run
+# torch threads per test process: 2, or the cores each pytest-xdist worker has (the default run starts one worker
+# per core: `-n auto` in setup.cfg); IWD_TEST_THREADS=1 beside a background run. Oversubscribed threads slow torch
+# down 10-40x here.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("IWD_TEST_THREADS", max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -192,6 +192,7 @@ def test_process_workers_are_pinned_one_per_gpu_slot(tmp_path):
     assert {r["cuda_visible_devices"] for r in records} <= {"7", "9"}
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray cluster at a time: two on one machine can pick the same ports
 def test_ray_cells_request_one_gpu_each_on_a_fake_gpu_cluster(tmp_path, monkeypatch):
     """A real local Ray cluster with two fake GPUs: every cell asks for one, so Ray pins one per task
     (CUDA_VISIBLE_DEVICES in the record) and never runs two cells on one GPU at once."""

@@ -8,6 +8,8 @@ import pytest
 
 from helpers import ROOT
 
+pytestmark = pytest.mark.xdist_group("docs")  # one pytest-xdist worker builds the site once for the whole module
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):

@@ -234,12 +234,13 @@ def test_unknown_method_and_bad_overrides():
 
 def test_herding_beats_random_and_full_is_far_above(digits, task_of):
     """On digits (quick protocol, 5 evaluation nets): herding > random at IPC 1 (85 vs 64-70 in the committed quick
-    tables; at IPC 10 the two are level there, a coin flip for a test); the full-data row far above."""
+    tables; at IPC 10 the two are level there, a coin flip for a test); the full-data row (one network: 97-98,
+    std 0.3) far above."""
     from evaluation import evaluate
     t = task_of(digits, 1, 0)
     r = evaluate(create_method("random").distill(t), digits, "dc-quick", num_eval=5)
     h = evaluate(create_method("herding", "quick").distill(t), digits, "dc-quick", num_eval=5)
-    f = evaluate(create_method("full").distill(t), digits, "auto-quick", num_eval=2)
+    f = evaluate(create_method("full").distill(t), digits, "auto-quick", num_eval=1)
     assert h["mean"] > r["mean"] + 0.05, (h["mean"], r["mean"])
     assert f["mean"] > max(h["mean"], r["mean"]) + 0.02
 

@@ -235,6 +235,7 @@ def test_kill_minus_9_mid_cell_then_rerun_resumes_to_the_same_set(tmp_path):
     assert torch.equal(resumed.images, fresh.images)
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray cluster at a time: two on one machine can pick the same ports
 def test_ray_executor_on_a_local_cluster(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import tempfile
