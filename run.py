@@ -252,12 +252,15 @@ def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
 @with_options(suite_options)
 @click.option("--executor", type=click.Choice(["inline", "process", "ray"]), default="inline", show_default=True,
               help="inline: one cell after another here; process: a local pool; ray: a Ray cluster.")
-@click.option("--workers", type=int, default=None, help="Parallel cells (process pool / local Ray).")
+@click.option("--workers", type=int, default=None,
+              help="Parallel cells (process pool / local Ray). Process pool on CUDA: default one per visible GPU; "
+                   "more workers than GPUs share them round-robin.")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--data-root", default=None, help="Folder with the dataset files (wins over any packaged copy).")
 @click.option("--download", is_flag=True, help="Let torchvision fetch missing datasets (once, before any cell).")
 @click.option("--device", default="cpu", show_default=True,
-              help="cpu, cuda (process executor: one worker per visible GPU; Ray: one GPU per cell) or cuda:N.")
+              help="cpu, cuda (process executor: workers pinned to the visible GPUs; Ray: one GPU per cell) or "
+                   "cuda:N.")
 @click.option("--no-tensorboard", is_flag=True, help="Do not write TensorBoard logs.")
 def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, executor, workers,
             address, data_root, download, device, no_tensorboard):

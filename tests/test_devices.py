@@ -150,7 +150,7 @@ def test_provenance_names_the_gpu_that_ran_it(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- scheduling
-def test_process_executor_gives_each_worker_one_gpu():
+def test_process_executor_pins_each_worker_to_one_gpu():
     from benchmark.grid.runner import gpu_slots
     assert gpu_slots("cpu") == []
     assert gpu_slots("cuda", visible="", count=3) == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(3)]
@@ -158,6 +158,11 @@ def test_process_executor_gives_each_worker_one_gpu():
                                                          {"CUDA_VISIBLE_DEVICES": "6"}]
     assert gpu_slots("cuda:1", visible="4,6", count=2) == [{"CUDA_VISIBLE_DEVICES": "6"}]
     assert gpu_slots("cuda", workers=1, visible="", count=2) == [{"CUDA_VISIBLE_DEVICES": "0"}]
+    # more workers than GPUs: round-robin, so each GPU runs workers // GPUs cells at a time
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("cuda", workers=5, visible="4,6", count=2)] == \
+        ["4", "6", "4", "6", "4"]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in gpu_slots("cuda:1", workers=3, visible="4,6", count=2)] == \
+        ["6", "6", "6"]
 
 
 def _tiny_suite(tmp_path, name, ipcs):

@@ -415,9 +415,11 @@ def run_suite(suite: Suite, run_root="runs", options: RunOptions = None, *, exec
 
 
 def gpu_slots(device, workers=None, visible=None, count=None):
-    """The process executor's worker slots on CUDA: one per GPU, each an environment pinning it
+    """The process executor's worker slots on CUDA, each an environment pinning one GPU
     ({'CUDA_VISIBLE_DEVICES': physical id}). 'cuda' uses every visible GPU, 'cuda:N' only GPU N; ids are
-    translated through the parent's own CUDA_VISIBLE_DEVICES. [] for the CPU."""
+    translated through the parent's own CUDA_VISIBLE_DEVICES. One slot per GPU by default; `workers` slots
+    round-robin over them otherwise (more workers than GPUs share them: small networks leave a GPU mostly idle).
+    [] for the CPU."""
     if not devices.is_cuda(device):
         return []
     import torch
@@ -427,7 +429,7 @@ def gpu_slots(device, workers=None, visible=None, count=None):
     index = torch.device(device).index
     if index is not None:
         ids = [ids[index]]
-    return [{"CUDA_VISIBLE_DEVICES": i} for i in ids[:workers or len(ids)]]
+    return [{"CUDA_VISIBLE_DEVICES": ids[k % len(ids)]} for k in range(workers or len(ids))]
 
 
 def _cell_process(conn, suite, cell, run_root, opts):
