@@ -157,6 +157,27 @@ def test_each_dsa_op_on_a_known_image():
     assert 0.0 <= lam <= 1.0 and xm.shape == (4, 1, 8, 8)
 
 
+def test_gather_warp_matches_kornia_in_values_and_image_gradients():
+    """DSA's deterministic-gradient warp (used on CUDA for images that need a gradient) against kornia's
+    grid_sample path, the independent reference: float64, per-image and siamese parameters, zero padding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 2, 9, 11, dtype=torch.float64)
+    ours, theirs = DSA(gather_warp=True), DSA(gather_warp=False)
+    assert not DSA()._gather_warp(x)  # auto: kornia on the CPU, so CPU results are unchanged
+    for family in ("scale", "rotate", "crop"):
+        for siamese in (False, True):
+            p = theirs.sample(3, 11, g, siamese=siamese, family=family)
+            a, b = ours.apply(x, p), theirs.apply(x, p)
+            (ga,) = torch.autograd.grad((a * upstream).sum(), x)
+            (gb,) = torch.autograd.grad((b * upstream).sum(), x)
+            assert (a - b).abs().max() < 1e-12 and (ga - gb).abs().max() < 1e-12, family
+            if family == "crop":  # integer shifts: exact
+                assert torch.equal(a, b) and torch.equal(ga, gb)
+        meta = ours.apply(torch.zeros(3, 2, 9, 11, device="meta", requires_grad=True), p)  # no CPU tensor mixed in
+        assert meta.device.type == "meta" and meta.shape == (3, 2, 9, 11)
+
+
 # ------------------------------------------------------------------------------------------------ synthetic sets
 def test_multi_formation_decode_on_a_known_image():
     img = torch.arange(16.0).view(1, 1, 4, 4)
@@ -165,6 +186,24 @@ def test_multi_formation_decode_on_a_known_image():
     # tile (0, 1) is the top-right 2x2 block [[2, 3], [6, 7]], upsampled: its mean is preserved
     assert torch.allclose(out[1].mean(), torch.tensor([2.0, 3.0, 6.0, 7.0]).mean())
     assert torch.allclose(out[2].mean(), torch.tensor([8.0, 9.0, 12.0, 13.0]).mean())
+
+
+def test_deterministic_upsampling_matches_interpolate_in_values_and_gradients():
+    """The decode's matrix-product upsampling (used on CUDA for images that need a gradient) against
+    F.interpolate(bilinear, align_corners=False), the independent reference: float64, integer and other ratios."""
+    import torch.nn.functional as F
+
+    from benchmark.core.synthetic import _upsample_bilinear
+    g = torch.Generator().manual_seed(0)
+    for hi, wi, h, w in [(4, 4, 8, 8), (14, 14, 28, 28), (3, 5, 7, 11), (6, 6, 4, 4), (5, 5, 5, 5)]:
+        x = torch.randn(3, 2, hi, wi, dtype=torch.float64, generator=g, requires_grad=True)
+        upstream = torch.randn(3, 2, h, w, dtype=torch.float64, generator=g)
+        a, b = _upsample_bilinear(x, h, w), F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        (ga,) = torch.autograd.grad((a * upstream).sum(), x)
+        (gb,) = torch.autograd.grad((b * upstream).sum(), x)
+        assert (a - b).abs().max() < 1e-12 and (ga - gb).abs().max() < 1e-12, (hi, wi, h, w)
+    out = decode_multi_formation(torch.zeros(2, 3, 8, 8, device="meta", requires_grad=True), 2)  # the CUDA path
+    assert out.device.type == "meta" and out.shape == (8, 3, 8, 8)
 
 
 def test_idc_init_tiles_are_what_decode_splits(digits, task_of):

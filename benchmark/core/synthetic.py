@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from benchmark.platform.errors import BenchmarkError
 from benchmark.platform.files import save_torch_atomic
 from benchmark.platform import allocator
-from benchmark.platform.device import device_name, to_device
+from benchmark.platform.device import deterministic_image_grad, device_name, to_device
 
 FORMAT = "iwd-bench/synthetic-set/v1"
 
@@ -32,7 +32,26 @@ def decode_multi_formation(images, factor):
     th, tw = h // factor, w // factor
     tiles = images[:, :, : th * factor, : tw * factor].reshape(n, c, factor, th, factor, tw)
     tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n * factor * factor, c, th, tw)
+    if deterministic_image_grad(tiles):
+        return _upsample_bilinear(tiles, h, w)
     return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _bilinear_rows(n_out, n_in, like):
+    """(n_out, n_in) matrix of 1-D bilinear resizing as F.interpolate(align_corners=False) computes it: output i
+    samples the input at (i + 0.5) * n_in / n_out - 0.5, clamped at 0, between its two neighbours."""
+    src = ((torch.arange(n_out, dtype=like.dtype, device=like.device) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().clamp(max=n_in - 1)
+    lam = (src - i0).unsqueeze(1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    cols = torch.arange(n_in, dtype=like.dtype, device=like.device)
+    return (1 - lam) * (cols == i0.unsqueeze(1)).to(like.dtype) + lam * (cols == i1.unsqueeze(1)).to(like.dtype)
+
+
+def _upsample_bilinear(x, h, w):
+    """F.interpolate(x, (h, w), bilinear, align_corners=False) as two matrix products: the same values up to
+    rounding, and a backward without the atomics of CUDA's upsample_bilinear2d_backward (deterministic)."""
+    return _bilinear_rows(h, x.shape[-2], x) @ x @ _bilinear_rows(w, x.shape[-1], x).T
 
 
 @dataclass

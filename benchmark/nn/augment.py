@@ -6,6 +6,8 @@ image of both batches, as the reference's `Siamese=True` does), or drawn per ima
 Each call picks ONE family of the strategy at random (the reference's aug_mode 'S'); 'color' applies brightness,
 saturation and contrast together. Ops work in normalised space without clamping, as the reference does.
 Geometric ops (scale, rotate, flip, translate) use kornia.geometry; all ops are differentiable in the images.
+On CUDA, images that need a gradient (the synthetic batch) are warped by `warp.warp_affine` instead: the same
+sampling with a deterministic backward (kornia's goes through grid_sample's atomics), so a seed gives the same set.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -14,7 +16,9 @@ import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
-from benchmark.platform.device import to_device
+from benchmark.platform.device import deterministic_image_grad, to_device
+
+from .warp import rotation_matrix, translation_matrix, warp_affine
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 NO_FLIP_STRATEGY = "color_crop_cutout_scale_rotate"  # digit datasets: a flipped digit is another digit
@@ -36,6 +40,10 @@ class DSA:
     saturation: float = 2.0
     contrast: float = 0.5
     flip: float = 0.5
+    # scale/rotate/crop through warp.warp_affine (deterministic image gradient) instead of kornia; None: on CUDA
+    # (and meta, its stand-in) for images that require a gradient, with torch's deterministic mode on (every CUDA
+    # run sets it)
+    gather_warp: Optional[bool] = None
 
     @property
     def families(self):
@@ -89,6 +97,14 @@ class DSA:
             x = (x - mean_c) * (t("saturation").view(n, 1, 1, 1) * self.saturation) + mean_c
             mean_all = x.mean(dim=(1, 2, 3), keepdim=True)
             return (x - mean_all) * (t("contrast").view(n, 1, 1, 1) + self.contrast) + mean_all
+        if fam in ("crop", "scale", "rotate") and self._gather_warp(x):
+            h, w = x.shape[-2:]
+            if fam == "crop":
+                return warp_affine(x, translation_matrix(t("shift")), "nearest")
+            center = ((w - 1) / 2, (h - 1) / 2)  # kornia's centre of rotation and scaling
+            if fam == "scale":
+                return warp_affine(x, rotation_matrix(torch.zeros(n, dtype=dt, device=dev), 1.0 / t("scale"), center))
+            return warp_affine(x, rotation_matrix(t("angle").view(n), torch.ones(n, 2, dtype=dt, device=dev), center))
         if fam == "crop":  # integer translation with zero fill (the reference pads and re-indexes)
             return KT.translate(x, t("shift"), mode="nearest", padding_mode="zeros", align_corners=True)
         if fam == "cutout":
@@ -109,6 +125,11 @@ class DSA:
         if fam == "rotate":
             return KT.rotate(x, t("angle").view(n), align_corners=True)
         raise ValueError(f"unknown DSA family {fam!r}")
+
+    def _gather_warp(self, x):
+        if self.gather_warp is not None:
+            return self.gather_warp
+        return deterministic_image_grad(x)
 
     def __call__(self, x, generator=None, siamese=False):
         return self.apply(x, self.sample(x.shape[0], x.shape[-1], generator, siamese))

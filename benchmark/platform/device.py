@@ -73,6 +73,14 @@ def cuda_settings():
             "cudnn_version": torch.backends.cudnn.version()}
 
 
+def deterministic_image_grad(x):
+    """Whether an image batch takes the deterministic-gradient path of the warps and resizes that go through
+    grid_sample/interpolate elsewhere (their CUDA backward accumulates with atomics): on CUDA with torch's
+    deterministic mode on (every CUDA run sets it), and on meta, its stand-in in the device tests; only for
+    images that need a gradient (the synthetic batch)."""
+    return x.requires_grad and (x.is_meta or (x.is_cuda and torch.are_deterministic_algorithms_enabled()))
+
+
 def device_name(device):
     """What ran the work: the GPU's name for cuda[:N] (N, not always GPU 0), else the CPU."""
     if is_cuda(device) and torch.cuda.is_available():
