@@ -348,6 +348,41 @@ def compare(row_a, row_b, suite, methods, datasets, ipc, seeds, variants, num_ev
 
 
 @cli.command()
+@click.argument("other_run_root")
+@with_options(suite_options)
+@click.option("--out", default=None, help="Also write the comparison to this Markdown file.")
+def reproduce(other_run_root, suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, out):
+    """Does another run of the suite (under OTHER_RUN_ROOT) give the same results as the one under --run-root? Cell
+    by cell: bit-identical synthetic sets (else the largest pixel difference) and the same per-network accuracies
+    (else both, and the difference of the means). For determinism (one machine, twice) and portability (CPU
+    against GPU) checks."""
+    from benchmark.core.synthetic import SyntheticSet
+    from benchmark.grid.runner import RunPaths, read_records
+    from benchmark.report.reproduce import compare_runs, format_reproduction
+    s = _suite(suite, methods, datasets, ipc, seeds, variants, num_eval)
+    wanted = {c.key for c in s.cells()}
+
+    def finished(root):
+        records = [r for r in read_records(root, s.name) if r["key"] in wanted]
+        if not records:
+            raise _no_finished_cells(s, root)
+        return records
+
+    def images(root):
+        sets = RunPaths(root, s.name)
+        return lambda key: SyntheticSet.load(os.path.join(sets.sets, key + ".pt")).images \
+            if os.path.exists(os.path.join(sets.sets, key + ".pt")) else None
+    rows, only_one = compare_runs(finished(run_root), finished(other_run_root), images(run_root),
+                                  images(other_run_root))
+    text = format_reproduction(rows, only_one, run_root, other_run_root)
+    text += f"\nSuite `{s.name}`; command: `{COMMAND}`\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    click.echo(text)
+
+
+@cli.command()
 @with_options(suite_options)
 @click.option("--device", default="cpu", show_default=True, help="The device to estimate time on (calibrated there).")
 @click.option("--all", "all_cells", is_flag=True,

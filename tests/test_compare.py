@@ -1,4 +1,5 @@
-"""run.py compare: two rows of a suite side by side, checked against a hand-computed Welch test."""
+"""run.py compare: two rows of a suite side by side, checked against a hand-computed Welch test; run.py reproduce:
+two runs of a suite cell by cell, against sets built with known differences."""
 import json
 import math
 
@@ -85,3 +86,39 @@ def test_the_command_reads_a_suites_records_and_writes_markdown(tmp_path):
     p = cli("compare", "iwd+dc", "dc", "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "none"))
     assert p.returncode == 2 and "no finished cells for suite" in p.stderr
     assert f"python run.py run --suite {s.name} --run-root {tmp_path / 'none'}" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------- run.py reproduce
+def test_reproduce_finds_identical_and_differing_sets_and_accuracies(tmp_path):
+    """Two run roots of one suite: random is bit-identical, dc's set differs by a known pixel and one network's
+    accuracy, iwd+dc is finished in one run only."""
+    import torch
+
+    from benchmark.core.synthetic import SyntheticSet
+    s = tiny_suite(tmp_path)
+    cells = {c.method: c for c in s.cells()}
+    images = torch.randn(10, 1, 8, 8)
+    for root, dc_shift, dc_accs, with_iwd in (("a", 0.0, [0.5, 0.6], True), ("b", 0.25, [0.5, 0.7], False)):
+        paths = RunPaths(str(tmp_path / root), s.name)
+        paths.ensure()
+        for method, x, accs in (("random", images, [0.4, 0.4]), ("dc", images + dc_shift * (images == images.max()),
+                                                                  dc_accs), ("iwd+dc", images, [0.5, 0.5])):
+            if method == "iwd+dc" and not with_iwd:
+                continue
+            cell = cells[method]
+            r = {**rec(method, 0, accs, 1.0, cell.key), "device_name": f"device {root}"}
+            r["accuracy"]["mean"] = sum(accs) / len(accs)
+            with open(paths.record(cell), "w") as f:
+                json.dump(r, f)
+            SyntheticSet(x.clone(), torch.arange(10)).save(paths.synthetic_set(cell))
+    p = cli("reproduce", str(tmp_path / "b"), "--suite", str(tmp_path / "tiny.yaml"), "--run-root", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert f"| {cells['random'].key} | bit-identical | 0 | 40.00, 40.00 | same | +0.00 |" in out
+    assert f"| {cells['dc'].key} | differs | 0.25 | 50.00, 60.00 | 50.00, 70.00 | +5.00 |" in out
+    assert "2 cells in both runs: 1 bit-identical sets, 1 with the same per-network accuracies" in out
+    assert "(largest 5.00)" in out and "device a / device b" in out
+    assert f"Finished in one run only (1): {cells['iwd+dc'].key}." in out
+    p = cli("reproduce", str(tmp_path / "none"), "--suite", str(tmp_path / "tiny.yaml"),
+            "--run-root", str(tmp_path / "a"))
+    assert p.returncode == 2 and "no finished cells for suite" in p.stderr
