@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from helpers import cli as _cli
+from helpers import cli as _cli, cli_in_process
 
 
 def test_cli_list_distill_evaluate_and_clear_errors(tmp_path):
@@ -37,14 +37,15 @@ def test_bad_input_is_one_line_with_the_fix(tmp_path):
              (["run", "--suite", "quick", "--run-root", str(tmp_path / "f" / "runs")], "writable --run-root"),
              (["evaluate", str(tmp_path / "nothing.pt")], "file not found")]
     (tmp_path / "f").write_text("a file where a folder should be")
-    for args, message in cases:
-        out = _cli(*args, cwd=str(tmp_path))
+    for args, message in cases:  # in this process (one interpreter start each would cost ~30 s in all)
+        out = cli_in_process(*args, cwd=str(tmp_path))
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
-    ok = _cli("distill", "-m", "random", "--ipc", "1", "-o", str(tmp_path / "r.pt"))
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    ok = cli_in_process("distill", "-m", "random", "--ipc", "1", "-o", str(tmp_path / "r.pt"))
     assert ok.returncode == 0
     for args, message in [(["evaluate", str(tmp_path / "r.pt"), "--network", "ConvNett"], "Did you mean 'ConvNet'"),
                           (["evaluate", str(tmp_path / "r.pt"), "--protocol", "dcc"], "unknown protocol 'dcc'")]:
-        out = _cli(*args)
+        out = cli_in_process(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
