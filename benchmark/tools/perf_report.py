@@ -27,7 +27,8 @@ TABLES = {
         [("setting", "setting"), ("method", "method"), ("matching steps", "matching_steps"),
          ("X s/it", "s_per_iteration"), ("iwd+X s/it", "iwd_s_per_iteration"), ("IWD ratio", "iwd_ratio"),
          ("IWD ratio, double backward (before #18)", "iwd_double_backward_ratio"),
-         ("influence share of iwd+X", "influence_share"), ("IWD ratio, exact Hessian (CG)", "iwd_hessian_ratio"),
+         ("share of iwd+X in IWD's weighting call (explicit per-instance path: with the real statistic)",
+          "influence_share"), ("IWD ratio, exact Hessian (CG)", "iwd_hessian_ratio"),
          ("IWD ratio, GN with CG 20", "iwd_cg_ratio"), ("IWD ratio, implicit=off", "iwd_explicit_only_ratio"),
          ("note", "note")]),
     ("explicit", None): (
