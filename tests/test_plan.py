@@ -103,6 +103,10 @@ def test_plan_reports_cells_methods_totals_and_memory(tmp_path):
     assert all(r["distill_s"] >= 0 and r["eval_s"] > 0 and r["peak_bytes"] > r["data_bytes"] for r in rows)
     text = format_plan(suite, rows, "cpu", {"digits__dc__ipc1__seed0": 10.0})
     assert "total" in text and "largest cell" in text and "iwd+dc" in text and "est/meas" in text
+    lines = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.startswith("digits__")}
+    est = dc1["distill_s"] + dc1["eval_s"]
+    assert float(lines["digits__dc__ipc1__seed0"][-1]) == pytest.approx(est / 10.0, abs=0.006)  # measured beside
+    assert lines["digits__dc__ipc2__seed0"][-2:] == ["-", "-"]  # not finished: no ratio
 
 
 def test_plan_a_probe_failing_on_random_data_borrows_the_nearest_ipcs_rate(tmp_path, monkeypatch):

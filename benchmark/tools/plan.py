@@ -398,7 +398,7 @@ def format_plan(suite, rows, device, measured=None):
         if measured:
             m = measured.get(r["key"])
             est = r.get("distill_s", 0) + r.get("eval_s", 0)
-            line += f" {_fmt_time(m):>9} {est / m if m else float('nan'):>8.2f}"
+            line += f" {_fmt_time(m):>9} " + (f"{est / m:>8.2f}" if m else f"{'-':>8}")  # '-': not finished
         lines.append(line)
     lines.append("")
     per = {}
