@@ -264,7 +264,8 @@ def _suite(suite, methods, datasets, ipc, seeds, variants, num_eval):
 @click.option("--no-tensorboard", is_flag=True, help="Do not write TensorBoard logs.")
 def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, results_root, executor, workers,
             address, data_root, download, device, no_tensorboard):
-    """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table."""
+    """Run a suite's pending cells (finished cells are skipped, interrupted ones resume), then write its table: every
+    finished cell of the suite, whatever --methods/--datasets/--ipc/--seeds/--variants narrowed this run to."""
     import time
 
     from benchmark.grid.runner import RunOptions, pending_cells, run_suite
@@ -275,13 +276,30 @@ def run_cmd(suite, methods, datasets, ipc, seeds, variants, num_eval, run_root, 
     elsewhere = len(pending_cells(s, run_root)) - len(failures)  # busy: another run of the suite has them
     click.echo(f"{done} cells finished in {(time.time() - t0) / 60:.1f} min; {len(failures)} failed"
                + (f"; {elsewhere} still running in another process (run.py status)" if elsewhere > 0 else ""))
-    path = _write_table(s, run_root, results_root)
+    # a narrowed run adds cells to the suite: its table keeps the others (`run.py table --methods ...` narrows one)
+    whole = _suite(suite, None, None, None, None, None, num_eval)
+    path = _write_table(whole, run_root, results_root, _whole_suite_command(sys.argv[1:]))
     if path:
         click.echo(f"leaderboard: {path}")
     if failures:
         for k, msg in failures:
             click.secho(f"failed: {k}: {msg}", fg="red", err=True)
         sys.exit(1)
+
+
+NARROWING_OPTIONS = ("--methods", "--datasets", "--ipc", "--seeds", "--variants")
+
+
+def _whole_suite_command(argv):
+    """The command line that reproduces a whole suite's table: argv without the options that narrow its cells."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a in NARROWING_OPTIONS:
+            skip = not skip
+            continue
+        if not a.startswith(tuple(o + "=" for o in NARROWING_OPTIONS)):
+            out.append(a)
+    return "python run.py " + " ".join(shlex.quote(a) for a in out)
 
 
 def _write_table(s, run_root, results_root, command=None):
