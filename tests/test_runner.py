@@ -14,7 +14,7 @@ import yaml
 
 from benchmark.grid.runner import read_records, run_suite
 
-from helpers import ROOT, TINY_DC, cli as _cli, tiny_suite as _suite
+from helpers import ROOT, TINY_DC, cli as _cli, cli_in_process, tiny_suite as _suite
 
 
 def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
@@ -60,19 +60,21 @@ def test_suite_runs_writes_atomic_records_table_and_tensorboard(tmp_path):
     assert "distill/synthetic" in tags["images"]  # the grid during distillation (every iterations // 10)
 
 
-def test_a_narrowed_run_keeps_the_whole_suite_in_its_table(tmp_path):
-    """`run --methods X` adds X's cells to the suite: its leaderboard still shows every finished cell, and its footer
+def test_a_narrowed_run_keeps_the_whole_suite_in_its_table(tmp_path, monkeypatch):
+    """`run --seeds S` adds S's cells to the suite: its leaderboard still shows every finished cell, and its footer
     names the command for the whole suite (without the narrowing option)."""
-    _suite(tmp_path, methods=["random", "herding"], num_eval=1)
+    _suite(tmp_path, methods=["random"], seeds=[0, 1], num_eval=1)
     runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
-    for method in ("random", "herding"):
-        out = _cli("run", "--suite", str(tmp_path / "tiny.yaml"), "--methods", method, "--run-root", runs,
-                   "--results-root", results, "--no-tensorboard")
+    for seed in ("0", "1"):
+        args = ["run", "--suite", str(tmp_path / "tiny.yaml"), "--seeds", seed, "--run-root", runs, "--results-root",
+                results, "--no-tensorboard"]
+        monkeypatch.setattr(sys, "argv", ["run.py", *args])  # what the footer's command is read from
+        out = cli_in_process(*args)
         assert out.returncode == 0, out.stderr
     text = open(os.path.join(results, "tiny", "leaderboard.md")).read()
-    assert "| random |" in text and "| herding |" in text
+    assert "seeds: [0, 1]" in text and "cells: 2" in text
     command = re.search(r"command: `([^`]*)`", text).group(1)
-    assert "--methods" not in command and f"run --suite {tmp_path / 'tiny.yaml'} --run-root {runs}" in command
+    assert "--seeds" not in command and f"run --suite {tmp_path / 'tiny.yaml'} --run-root {runs}" in command
 
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path):
